@@ -1,0 +1,232 @@
+"""Streaming covariance of hidden activations, in float64, in O(d²) memory.
+
+Activations arrive batch by batch with the feature dimension last. The accumulator keeps
+float64 sums of ``(x - s)(x - s)ᵀ``, ``(x - s)`` and the count, where ``s`` is a fixed
+shift (by default the mean of the first batch): shifting before summing keeps the
+centred covariance accurate when the mean is large next to the spread, and sums still
+add, so accumulators over different shards :meth:`~CovarianceAccumulator.merge` exactly.
+
+Tokens of one sequence are correlated samples; with ``shift_null=True`` the accumulator
+also sums a *null* covariance in which every feature is rolled by its own random offset
+within each sequence. That keeps each feature's variance and autocorrelation but breaks
+the alignment between features, so its spectrum is the noise level a correlated but
+unstructured signal would produce (see :func:`fxcompress.spectral.select_rank`).
+
+Example:
+    >>> import numpy as np
+    >>> acc = CovarianceAccumulator(16)
+    >>> rng = np.random.default_rng(0)
+    >>> for _ in range(10):
+    ...     acc.update(rng.standard_normal((100, 16)))
+    >>> acc.count, acc.covariance().shape
+    (1000, (16, 16))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from fxcompress.errors import DataError
+
+ArrayLike = Any  # numpy.ndarray | torch.Tensor
+
+
+def channel_samples(x: ArrayLike, channel_dim: int = 1) -> torch.Tensor:
+    """View a conv activation ``(N, C, H, W, ...)`` as ``N·H·W`` samples of ``C`` features.
+
+    Example:
+        >>> channel_samples(torch.zeros(2, 3, 4, 5)).shape
+        torch.Size([40, 3])
+    """
+    t = _as_tensor(x, "activation")
+    if t.ndim < 2:
+        raise DataError(f"channel_samples needs a tensor with a channel axis, got shape {tuple(t.shape)}")
+    return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
+
+
+class CovarianceAccumulator:
+    """Streaming float64 covariance of ``dim`` features.
+
+    Args:
+        dim: number of features (the size of the last axis of every batch).
+        shift: a fixed vector subtracted before summing; default: the first batch's mean.
+        shift_null: also accumulate the circular-shift null (batches need a sequence axis,
+            shaped ``(..., tokens, dim)``).
+        seed: seed of the null's random offsets.
+    """
+
+    def __init__(self, dim: int, *, shift: ArrayLike | None = None, shift_null: bool = False, seed: int = 0):
+        if not isinstance(dim, (int, np.integer)) or dim < 2:
+            raise DataError(f"a spectrum needs at least 2 features, got dim={dim!r}")
+        self.dim = int(dim)
+        self.count = 0
+        self._xtx = np.zeros((self.dim, self.dim))
+        self._sum = np.zeros(self.dim)
+        self.shift = None if shift is None else self._check_shift(shift)
+        self.null = CovarianceAccumulator(self.dim, shift=self.shift) if shift_null else None
+        self._rng = torch.Generator().manual_seed(seed) if shift_null else None
+
+    # -- feeding -------------------------------------------------------------------------
+    def update(self, x: ArrayLike, mask: ArrayLike | None = None) -> None:
+        """Add a batch: ``x`` is ``(..., dim)``; ``mask`` (shape ``x.shape[:-1]``) keeps True rows."""
+        t = self._check_batch(x)
+        keep = None if mask is None else self._check_mask(mask, t)
+        if self.null is not None:
+            self.null.update(_roll_within_sequences(t, keep, self._rng))
+        rows = t.reshape(-1, self.dim) if keep is None else t[keep]
+        self._add_rows(rows)
+
+    def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+        """Add ``other``'s samples into this accumulator (in place) and return ``self``."""
+        if not isinstance(other, CovarianceAccumulator) or other.dim != self.dim:
+            raise DataError(f"can only merge a CovarianceAccumulator of dim {self.dim}, got {other!r}")
+        if other.count:
+            xtx, total = other._sums_about(self._ensure_shift(other.shift))
+            self._xtx += xtx
+            self._sum += total
+            self.count += other.count
+        if self.null is not None and other.null is not None:
+            self.null.merge(other.null)
+        return self
+
+    # -- results -------------------------------------------------------------------------
+    def mean(self) -> np.ndarray:
+        """Mean of the features seen so far."""
+        self._require_samples(1)
+        return self.shift + self._sum / self.count
+
+    def dof(self, centered: bool = True) -> int:
+        """Degrees of freedom of :meth:`covariance`: ``n - 1`` when centred, else ``n``."""
+        return self.count - 1 if centered else self.count
+
+    def covariance(self, centered: bool = True) -> np.ndarray:
+        """The ``dim × dim`` covariance: centred with divisor ``n - 1``, or ``E[xxᵀ]`` (divisor ``n``)."""
+        self._require_samples(2)
+        if centered:
+            xtx = self._xtx - np.outer(self._sum, self._sum) / self.count
+        else:
+            xtx, _ = self._sums_about(np.zeros(self.dim))
+        cov = xtx / self.dof(centered)
+        return (cov + cov.T) / 2.0
+
+    def eigenvalues(self, centered: bool = True) -> np.ndarray:
+        """Eigenvalues of :meth:`covariance`, in descending order."""
+        cov = self.covariance(centered)
+        return scipy.linalg.eigh(cov, eigvals_only=True, overwrite_a=True, check_finite=False, driver="evd")[::-1]
+
+    def select_rank(self, rule: str = "mp-robust", *, centered: bool = True, **options: Any):
+        """:func:`fxcompress.spectral.select_rank` on this covariance (and its null, if kept)."""
+        from fxcompress.spectral.selection import select_rank
+
+        if self.null is not None:
+            options.setdefault("null_eigenvalues", self.null.eigenvalues(centered))
+        return select_rank(self.eigenvalues(centered), self.dof(centered), rule, **options)
+
+    def __repr__(self) -> str:
+        return f"CovarianceAccumulator(dim={self.dim}, count={self.count}, shift_null={self.null is not None})"
+
+    # -- internals -----------------------------------------------------------------------
+    def _add_rows(self, rows: torch.Tensor) -> None:
+        if rows.shape[0] == 0:
+            return
+        shift = self._ensure_shift(rows.mean(dim=0, dtype=torch.float64).cpu().numpy())
+        centred = rows.to(torch.float64) - torch.as_tensor(shift, device=rows.device)
+        self._xtx += _gram(centred)
+        self._sum += centred.sum(dim=0).cpu().numpy()
+        self.count += rows.shape[0]
+
+    def _ensure_shift(self, candidate: np.ndarray | None) -> np.ndarray:
+        if self.shift is None:
+            self.shift = np.zeros(self.dim) if candidate is None else np.array(candidate, dtype=np.float64)
+        return self.shift
+
+    def _sums_about(self, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sums of (x - point)(x - point)ᵀ and (x - point), re-based from this shift."""
+        delta = self.shift - point
+        xtx = self._xtx + np.outer(delta, self._sum) + np.outer(self._sum, delta) + self.count * np.outer(delta, delta)
+        return xtx, self._sum + self.count * delta
+
+    def _require_samples(self, least: int) -> None:
+        if self.count < least:
+            raise DataError(
+                f"the covariance needs at least {least} samples, got {self.count}: feed more calibration data"
+            )
+
+    def _check_shift(self, shift: ArrayLike) -> np.ndarray:
+        s = _as_tensor(shift, "shift").to(torch.float64).cpu().numpy()
+        if s.shape != (self.dim,) or not np.all(np.isfinite(s)):
+            raise DataError(f"shift must be a finite vector of length {self.dim}, got shape {s.shape}")
+        return s
+
+    def _check_batch(self, x: ArrayLike) -> torch.Tensor:
+        t = _as_tensor(x, "activation").detach()
+        if t.ndim == 0 or t.shape[-1] != self.dim:
+            raise DataError(
+                f"activation batch has shape {tuple(t.shape)} but the accumulator expects {self.dim} features "
+                "on the last axis (for conv activations use channel_samples(x))"
+            )
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise DataError(f"activation batch holds {bad} NaN/Inf values: check the model and its inputs")
+        if self.null is not None and t.ndim < 3:
+            raise DataError(
+                f"shift_null needs a sequence axis: pass activations shaped (batch, tokens, {self.dim}), "
+                f"got {tuple(t.shape)}"
+            )
+        return t
+
+    @staticmethod
+    def _check_mask(mask: ArrayLike, t: torch.Tensor) -> torch.Tensor:
+        m = _as_tensor(mask, "mask").to(t.device)
+        if tuple(m.shape) != tuple(t.shape[:-1]):
+            raise DataError(f"mask has shape {tuple(m.shape)}, expected {tuple(t.shape[:-1])} (the batch without its feature axis)")
+        m = m != 0 if m.dtype != torch.bool else m
+        if not bool(m.any()):
+            raise DataError("the mask removes every sample of this batch: True (or 1) marks the tokens to keep")
+        return m
+
+
+def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise DataError(f"{what} must be a NumPy array or torch tensor, got {type(x).__name__}") from exc
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise DataError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _gram(rows: torch.Tensor) -> np.ndarray:
+    """``rowsᵀ rows`` in float64; NumPy's ``a.T @ a`` takes the symmetric (syrk) path on CPU."""
+    if rows.device.type == "cpu":
+        a = np.ascontiguousarray(rows.numpy())
+        return a.T @ a
+    return (rows.T @ rows).cpu().numpy()
+
+
+def _roll_within_sequences(t: torch.Tensor, keep: torch.Tensor | None, rng: torch.Generator) -> torch.Tensor:
+    """Roll each feature of each sequence by its own random offset among the kept tokens.
+
+    Returns the rolled kept tokens as rows ``(n_kept, d)``. Kept tokens are first packed to
+    the front of each sequence (stable order), so masks need not be contiguous.
+    """
+    seq = t.reshape(-1, t.shape[-2], t.shape[-1])
+    b, length, d = seq.shape
+    keep = torch.ones(b, length, dtype=torch.bool) if keep is None else keep.reshape(b, length).cpu()
+    lengths = keep.sum(dim=1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    offsets = (torch.rand(b, 1, d, generator=rng) * lengths.clamp(min=1).view(b, 1, 1)).long()
+    pos = torch.arange(length).view(1, length, 1)
+    rolled = (pos + offsets) % lengths.clamp(min=1).view(b, 1, 1)
+    source = torch.gather(order, 1, rolled.reshape(b, -1)).reshape(b, length, d)
+    out = torch.gather(seq, 1, source.to(seq.device))
+    valid = pos.squeeze(-1) < lengths.view(b, 1)
+    return out[valid.to(seq.device)]

@@ -1,0 +1,127 @@
+"""CovarianceAccumulator: streaming equals one shot, merges add up, bad input is refused."""
+
+import numpy as np
+import pytest
+import torch
+
+from fxcompress import DataError, FxCompressError
+from fxcompress.spectral import CovarianceAccumulator, channel_samples
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((48, 48))
+    return rng.standard_normal((10_000, 48)) @ mixing + 5.0
+
+
+def test_streaming_100_batches_equals_one_shot(data):
+    one = CovarianceAccumulator(48)
+    one.update(data)
+    streamed = CovarianceAccumulator(48)
+    for chunk in np.array_split(data, 100):
+        streamed.update(chunk)
+    assert streamed.count == one.count == 10_000
+    for centered in (True, False):
+        assert _rel(streamed.covariance(centered), one.covariance(centered)) < 1e-12
+    assert _rel(streamed.mean(), one.mean()) < 1e-12
+
+
+def test_matches_numpy_reference(data):
+    acc = CovarianceAccumulator(48)
+    acc.update(torch.from_numpy(data).float())  # float32 tensors accumulate in float64
+    ref = np.cov(data.astype(np.float32).astype(np.float64), rowvar=False)
+    assert _rel(acc.covariance(), ref) < 1e-10
+    assert acc.dof() == 9_999 and acc.dof(centered=False) == 10_000
+    uncentered = data.astype(np.float32).astype(np.float64)
+    assert _rel(acc.covariance(centered=False), uncentered.T @ uncentered / 10_000) < 1e-10
+
+
+def test_two_merged_accumulators_equal_one_fed_everything(data):
+    whole, a, b = CovarianceAccumulator(48), CovarianceAccumulator(48), CovarianceAccumulator(48)
+    whole.update(data)
+    a.update(data[:3_000])
+    b.update(data[3_000:] * 1.0)  # b has its own shift (first batch mean)
+    assert a.merge(b) is a
+    assert a.count == whole.count
+    assert _rel(a.covariance(), whole.covariance()) < 1e-12
+    assert _rel(a.mean(), whole.mean()) < 1e-12
+
+
+def test_merge_into_empty_and_large_offset_stays_accurate():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5_000, 8)) + 1e6  # mean ≫ spread: naive sums would cancel
+    empty, acc = CovarianceAccumulator(8), CovarianceAccumulator(8)
+    acc.update(x)
+    empty.merge(acc)
+    assert _rel(empty.covariance(), np.cov(x - 1e6, rowvar=False)) < 1e-8
+
+
+def test_mask_selects_rows():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 10, 6))
+    mask = rng.random((4, 10)) > 0.3
+    acc, ref = CovarianceAccumulator(6), CovarianceAccumulator(6)
+    acc.update(x, mask=mask.astype(np.int64))  # 0/1 attention masks work too
+    ref.update(x[mask])
+    assert acc.count == int(mask.sum())
+    assert _rel(acc.covariance(), ref.covariance()) < 1e-14
+
+
+def test_channel_samples_for_conv_activations():
+    x = torch.randn(2, 5, 3, 4)
+    rows = channel_samples(x)
+    assert rows.shape == (24, 5)
+    assert torch.equal(rows[7], x[0, :, 1, 3])  # sample (n=0, h=1, w=3) holds all 5 channels
+
+
+def test_memory_does_not_grow_with_samples():
+    acc = CovarianceAccumulator(16)
+    for _ in range(20):
+        acc.update(np.random.default_rng(3).standard_normal((1000, 16)))
+    held = [v for v in vars(acc).values() if isinstance(v, np.ndarray)]
+    assert max(a.size for a in held) == 16 * 16
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda a: a.update(np.array([[1.0, np.nan, 0, 0]])), "NaN/Inf"),
+        (lambda a: a.update(np.array([[1.0, np.inf, 0, 0]])), "NaN/Inf"),
+        (lambda a: a.update(np.ones((3, 5))), "expects 4 features"),
+        (lambda a: a.update(np.ones((2, 3, 4)), mask=np.zeros((2, 3), bool)), "removes every sample"),
+        (lambda a: a.update(np.ones((2, 3, 4)), mask=np.ones((3, 2), bool)), "mask has shape"),
+        (lambda a: a.update(np.array([["a", "b", "c", "d"]])), "real numbers"),
+        (lambda a: (a.update(np.ones((1, 4))), a.covariance()), "at least 2 samples"),
+        (lambda a: a.covariance(), "at least 2 samples"),
+        (lambda a: a.merge(CovarianceAccumulator(5)), "merge"),
+    ],
+)
+def test_bad_input_is_a_clear_error(make, match):
+    acc = CovarianceAccumulator(4)
+    with pytest.raises(DataError, match=match):
+        make(acc)
+
+
+def test_dim_one_and_missing_sequence_axis_are_refused():
+    with pytest.raises(FxCompressError, match="at least 2 features"):
+        CovarianceAccumulator(1)
+    with pytest.raises(DataError, match="sequence axis"):
+        CovarianceAccumulator(4, shift_null=True).update(np.ones((10, 4)))
+
+
+def test_shift_null_keeps_each_feature_and_the_count():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 7, 5))
+    mask = np.ones((3, 7), bool)
+    mask[1, 2] = mask[2, 5:] = False  # a hole and right padding
+    acc = CovarianceAccumulator(5, shift_null=True, seed=1)
+    acc.update(x, mask)
+    assert acc.null.count == acc.count == mask.sum()
+    # rolling within a sequence permutes each feature's kept values: same per-feature sums
+    assert np.allclose(np.diag(acc.null.covariance()), np.diag(acc.covariance()))
+    assert not np.allclose(acc.null.covariance(), acc.covariance())
