@@ -114,14 +114,17 @@ def test_dim_one_and_missing_sequence_axis_are_refused():
         CovarianceAccumulator(4, shift_null=True).update(np.ones((10, 4)))
 
 
-def test_shift_null_keeps_each_feature_and_the_count():
+def test_shift_null_permutes_each_feature_and_keeps_the_count():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 7, 5))
+    acc = CovarianceAccumulator(5, shift_null=True, seed=1)
+    acc.update(x)
+    # each feature's values are permuted (other sequence, rolled): same per-feature moments
+    assert np.allclose(np.diag(acc.null.covariance()), np.diag(acc.covariance()))
+    assert np.allclose(acc.null.mean(), acc.mean())
+    assert not np.allclose(acc.null.covariance(), acc.covariance())
     mask = np.ones((3, 7), bool)
     mask[1, 2] = mask[2, 5:] = False  # a hole and right padding
-    acc = CovarianceAccumulator(5, shift_null=True, seed=1)
-    acc.update(x, mask)
-    assert acc.null.count == acc.count == mask.sum()
-    # rolling within a sequence permutes each feature's kept values: same per-feature sums
-    assert np.allclose(np.diag(acc.null.covariance()), np.diag(acc.covariance()))
-    assert not np.allclose(acc.null.covariance(), acc.covariance())
+    masked = CovarianceAccumulator(5, shift_null=True, seed=1)
+    masked.update(x, mask)
+    assert masked.null.count == masked.count == mask.sum()

@@ -249,7 +249,8 @@ def test_circular_shift_null_removes_false_spikes_from_correlated_tokens():
     assert min(plain) >= 10  # tokens counted as independent samples: many false spikes
     assert [s.k for s in nulled] == [0] * 5
     assert [s.k for s in found] == [5] * 5
-    assert all(s.diagnostics.effective_samples < s.n_samples * 0 + 4095 for s in nulled)
+    # AR(1) with ρ = 0.5 carries about (1-ρ²)/(1+ρ²) = 60 % of the nominal 4,095 samples
+    assert all(0.4 * 4095 < s.diagnostics.effective_samples < 0.8 * 4095 for s in nulled)
 
 
 # -- bad input ---------------------------------------------------------------------------------

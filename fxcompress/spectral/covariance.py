@@ -10,7 +10,9 @@ Tokens of one sequence are correlated samples; with ``shift_null=True`` the accu
 also sums a *null* covariance in which every feature is rolled by its own random offset
 within each sequence. That keeps each feature's variance and autocorrelation but breaks
 the alignment between features, so its spectrum is the noise level a correlated but
-unstructured signal would produce (see :func:`fxcompress.spectral.select_rank`).
+unstructured signal would produce. Its correlation spectrum (unit variances, so unequal
+feature scales do not pass for correlation) gives the effective number of independent
+samples (see :func:`fxcompress.spectral.select_rank`).
 
 Example:
     >>> import numpy as np
@@ -27,7 +29,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from fxcompress.errors import DataError
@@ -107,23 +108,31 @@ class CovarianceAccumulator:
         """The ``dim × dim`` covariance: centred with divisor ``n - 1``, or ``E[xxᵀ]`` (divisor ``n``)."""
         self._require_samples(2)
         if centered:
-            xtx = self._xtx - np.outer(self._sum, self._sum) / self.count
+            cov = np.outer(self._sum, self._sum / -self.count)
+            cov += self._xtx
         else:
-            xtx, _ = self._sums_about(np.zeros(self.dim))
-        cov = xtx / self.dof(centered)
-        return (cov + cov.T) / 2.0
+            cov, _ = self._sums_about(np.zeros(self.dim))
+        cov /= self.dof(centered)
+        return cov
+
+    def correlation(self, centered: bool = True) -> np.ndarray:
+        """:meth:`covariance` scaled to unit variances (zero-variance features stay zero)."""
+        cov = self.covariance(centered)
+        std = np.sqrt(np.diag(cov))
+        inv = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+        return cov * inv[:, None] * inv[None, :]
 
     def eigenvalues(self, centered: bool = True) -> np.ndarray:
         """Eigenvalues of :meth:`covariance`, in descending order."""
-        cov = self.covariance(centered)
-        return scipy.linalg.eigh(cov, eigvals_only=True, overwrite_a=True, check_finite=False, driver="evd")[::-1]
+        return np.linalg.eigvalsh(self.covariance(centered))[::-1]
 
     def select_rank(self, rule: str = "mp-robust", *, centered: bool = True, **options: Any):
         """:func:`fxcompress.spectral.select_rank` on this covariance (and its null, if kept)."""
         from fxcompress.spectral.selection import select_rank
 
         if self.null is not None:
-            options.setdefault("null_eigenvalues", self.null.eigenvalues(centered))
+            null = np.linalg.eigvalsh(self.null.correlation(centered))[::-1]
+            options.setdefault("null_eigenvalues", null)
         return select_rank(self.eigenvalues(centered), self.dof(centered), rule, **options)
 
     def __repr__(self) -> str:
@@ -213,20 +222,25 @@ def _gram(rows: torch.Tensor) -> np.ndarray:
 
 
 def _roll_within_sequences(t: torch.Tensor, keep: torch.Tensor | None, rng: torch.Generator) -> torch.Tensor:
-    """Roll each feature of each sequence by its own random offset among the kept tokens.
+    """The null sample of a batch of sequences ``(..., tokens, d)``, as rows ``(n_kept, d)``.
 
-    Returns the rolled kept tokens as rows ``(n_kept, d)``. Kept tokens are first packed to
-    the front of each sequence (stable order), so masks need not be contiguous.
+    Feature ``j`` of destination sequence ``b`` is taken from sequence ``π_j(b)`` (a random
+    permutation of the batch per feature) rolled by a random offset among its kept tokens:
+    each feature keeps its autocorrelation along the tokens, while both the within- and the
+    between-sequence alignment of features is broken. Kept tokens are packed to the front
+    of each sequence first (stable order), so masks need not be contiguous.
     """
     seq = t.reshape(-1, t.shape[-2], t.shape[-1])
     b, length, d = seq.shape
     keep = torch.ones(b, length, dtype=torch.bool) if keep is None else keep.reshape(b, length).cpu()
-    lengths = keep.sum(dim=1)
+    lengths = keep.sum(dim=1).clamp(min=1)
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    offsets = (torch.rand(b, 1, d, generator=rng) * lengths.clamp(min=1).view(b, 1, 1)).long()
+    source = torch.argsort(torch.rand(b, d, generator=rng), dim=0).view(b, 1, d).expand(b, length, d)
+    src_len = lengths[source]
+    offsets = (torch.rand(b, 1, d, generator=rng) * src_len[:, :1, :]).long()
     pos = torch.arange(length).view(1, length, 1)
-    rolled = (pos + offsets) % lengths.clamp(min=1).view(b, 1, 1)
-    source = torch.gather(order, 1, rolled.reshape(b, -1)).reshape(b, length, d)
-    out = torch.gather(seq, 1, source.to(seq.device))
-    valid = pos.squeeze(-1) < lengths.view(b, 1)
+    token = order[source, (pos + offsets) % src_len]
+    feature = torch.arange(d).view(1, 1, d).expand(b, length, d)
+    out = seq[source.to(seq.device), token.to(seq.device), feature.to(seq.device)]
+    valid = pos.squeeze(-1) < keep.sum(dim=1).view(b, 1)
     return out[valid.to(seq.device)]

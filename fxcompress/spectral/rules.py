@@ -45,6 +45,11 @@ class Spectrum:
     nonzero: np.ndarray
     dim_eff: int
 
+    @staticmethod
+    def nonzero_floor(top: float, dim: int, n_samples: int) -> float:
+        """Eigenvalues at or below this are numerically zero (sampling zeros, dead features)."""
+        return 16 * max(dim, n_samples) * float(np.finfo(float).eps) * top
+
     @property
     def gamma(self) -> float:
         return self.dim_eff / self.n_samples

@@ -25,7 +25,6 @@ import math
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import scipy.optimize
 
 from fxcompress.errors import ConfigError, DataError
@@ -65,6 +64,8 @@ class RankSelection:
         n_signal: eigenvalues the rule counted as signal, before flooring and rounding.
         sigma2, lambda_plus: the noise variance and MP bulk edge ``σ²(1+√(d/n))²`` (MP rules).
         threshold: eigenvalues strictly above it were counted as signal.
+        gamma: the ratio d/n of the noise model (dead features and correlated samples
+            accounted for).
         eigenvalues: the spectrum, descending, padded with zeros to ``dim``.
     """
 
@@ -77,6 +78,7 @@ class RankSelection:
     threshold: float | None
     dim: int
     n_samples: int
+    gamma: float
     eigenvalues: np.ndarray = dataclasses.field(repr=False)
     diagnostics: Diagnostics = dataclasses.field(repr=False)
 
@@ -104,7 +106,7 @@ def eigenvalues(matrix: Any) -> np.ndarray:
     asym = float(np.max(np.abs(a - a.T), initial=0.0))
     if asym > 1e-8 * max(float(np.max(np.abs(a), initial=0.0)), np.finfo(float).tiny):
         raise DataError(f"the matrix is not symmetric (max |A - Aᵀ| = {asym:.3g}): pass a covariance matrix")
-    return scipy.linalg.eigh(a, eigvals_only=True, check_finite=False, driver="evd")[::-1]
+    return np.linalg.eigvalsh(a)[::-1]
 
 
 def select_rank(
@@ -128,28 +130,27 @@ def select_rank(
         dim: ``d`` when fewer than ``d`` eigenvalues are given (the rest are zero).
         min_rank: keep at least this many directions.
         round_to: round k up to a multiple of this (hardware-friendly widths), never above d.
-        null_eigenvalues: spectrum of the circular-shift null (correlated samples); MP rules
-            then use the effective sample size it implies and never cut below its top eigenvalue.
+        null_eigenvalues: spectrum of the circular-shift null's *correlation* matrix
+            (correlated samples, e.g. tokens); MP rules then use the effective sample size
+            it implies instead of ``n_samples``.
         **options: the rule's own options (see each rule's docstring).
     """
     fn = _lookup(rule)
     _check_common(min_rank, round_to)
     spectrum = _spectrum(eigenvalues, n_samples, dim, "eigenvalues")
-    effective, null_top = None, None
+    effective = None
     if null_eigenvalues is not None and rule in MP_RULES:
         null = _spectrum(null_eigenvalues, n_samples, spectrum.dim, "null_eigenvalues")
-        effective, null_top = effective_samples(null), float(null.values[0])
+        effective = effective_samples(null)
         spectrum = dataclasses.replace(spectrum, n_samples=effective)
     outcome = fn(spectrum, **_check_options(rule, fn, options))
     n_signal, threshold = outcome.n_signal, outcome.threshold
-    if null_top is not None and null_top > threshold:
-        threshold, n_signal = null_top, int(np.count_nonzero(spectrum.nonzero > null_top))
     k = _width(n_signal, min_rank, round_to, spectrum.dim)
     lambda_plus = None if outcome.sigma2 is None else mp.bulk_edges(spectrum.gamma, outcome.sigma2)[1]
     diagnostics = _diagnose(spectrum, rule, outcome.sigma2, n_signal, effective, outcome.extra)
     effective_options = {**_defaults(fn), **options, "min_rank": min_rank, "round_to": round_to}
     return RankSelection(k, n_signal, rule, effective_options, outcome.sigma2, lambda_plus, threshold,
-                         spectrum.dim, spectrum.n_samples, spectrum.values, diagnostics)
+                         spectrum.dim, spectrum.n_samples, spectrum.gamma, spectrum.values, diagnostics)
 
 
 def effective_samples(null: Spectrum) -> int:
@@ -232,7 +233,7 @@ def _spectrum(values: Any, n_samples: Any, dim: int | None, what: str) -> Spectr
         raise DataError(f"{what} include {arr.min():.3g} < 0: not a covariance (it must be positive semi-definite)")
     desc = np.zeros(dim)
     desc[: arr.size] = np.sort(np.clip(arr, 0.0, None))[::-1]
-    nonzero = desc[desc > 16 * max(dim, n_samples) * np.finfo(float).eps * top]
+    nonzero = desc[desc > Spectrum.nonzero_floor(top, dim, n_samples)]
     dead = max(0, (dim - nonzero.size) - max(0, dim - int(n_samples)))
     if nonzero.size < 2:
         raise DataError(f"{what} have fewer than 2 non-zero values: the activations span at most one direction")
