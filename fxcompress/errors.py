@@ -23,3 +23,11 @@ class DataError(FxCompressError, ValueError):
 
 class DatasetError(FxCompressError, FileNotFoundError):
     """A dataset file is missing or unreadable; the message names the path."""
+
+
+class CaptureError(FxCompressError):
+    """A model could not be captured as a graph; the message names the construct and a fix."""
+
+
+class AnalysisError(FxCompressError):
+    """Width analysis failed on a node; the message names the node."""

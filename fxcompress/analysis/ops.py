@@ -1,0 +1,335 @@
+"""One rule per op kind: how each op ties tensor dimensions together.
+
+A rule receives the :class:`~fxcompress.analysis.propagate.Context` and the node, and
+states, for the node's tensor axes: which are the same dimension (``ctx.tie``), what the
+op does to them (``ctx.effect``), which parameter axes produce or consume them
+(``ctx.use``), and which must never change size (``ctx.freeze``). Rules are registered by
+ATen overload (or ``nn.Module`` type for the submodules capture creates); an op with no
+rule freezes every dimension it touches. Supporting a new op is one entry here.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+Rule = Callable[..., None]
+OP_RULES: dict[object, Rule] = {}
+MODULE_RULES: dict[type, Rule] = {}
+
+
+def op_rule(*targets: object) -> Callable[[Rule], Rule]:
+    """Register a rule for ATen overloads (or other call_function targets)."""
+    def wrap(fn: Rule) -> Rule:
+        for target in targets:
+            OP_RULES[target] = fn
+        return fn
+    return wrap
+
+
+def module_rule(*types: type) -> Callable[[Rule], Rule]:
+    def wrap(fn: Rule) -> Rule:
+        for t in types:
+            MODULE_RULES[t] = fn
+        return fn
+    return wrap
+
+
+def arg(node: Node, name: str, default: object = None) -> object:
+    """An argument of an ATen call by its schema name, whether passed positionally, by keyword or defaulted."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return default
+    for i, argument in enumerate(schema.arguments):
+        if argument.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return argument.default_value if argument.has_default_value() else default
+    return default
+
+
+def _overloads(*names: str) -> list[object]:
+    """ATen overloads by ``name`` or ``name.overload`` (missing ones are skipped)."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(aten, packet, None)
+        if op is not None:
+            found.append(getattr(op, overload or "default", None))
+    return [f for f in found if f is not None]
+
+
+# -- elementwise ------------------------------------------------------------------------
+IDENTITY_LIKE = _overloads("clone", "contiguous", "alias", "detach", "_to_copy", "to.dtype", "to.device",
+                           "to.dtype_layout", "type_as", "lift_fresh_copy", "dropout")
+LINEAR_UNARY = _overloads("neg", "mul.Scalar", "div.Scalar", "mul_.Scalar", "div_.Scalar")
+CHANNELWISE_UNARY = _overloads(
+    "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh",
+    "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu",
+    "elu_", "mish", "softplus", "abs", "sqrt", "rsqrt", "exp", "log", "pow.Tensor_Scalar", "erf", "clamp",
+    "clamp_min", "clamp_max", "relu6", "add.Scalar", "sub.Scalar", "reciprocal", "sin", "cos")
+
+
+@op_rule(*IDENTITY_LIKE, *LINEAR_UNARY)
+def linear_unary(ctx, node: Node) -> None:
+    ctx.tie_all(node.args[0], node)
+    ctx.effect_all(node, "linear")
+
+
+@op_rule(*CHANNELWISE_UNARY)
+def channelwise_unary(ctx, node: Node) -> None:
+    ctx.tie_all(node.args[0], node)
+    ctx.effect_all(node, "channelwise")
+
+
+@module_rule(nn.Dropout, nn.Identity)
+def dropout_module(ctx, node: Node) -> None:
+    ctx.tie_all(node.args[0], node)
+    ctx.effect_all(node, "linear")
+
+
+@op_rule(*_overloads("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor"))
+def add(ctx, node: Node) -> None:
+    """Residual adds and bias adds: linear; a parameter operand transforms like a producer."""
+    ctx.broadcast(node, list(node.args[:2]), param_role="producer")
+    ctx.effect_all(node, "linear")
+
+
+@op_rule(*_overloads("mul.Tensor", "mul_.Tensor", "div.Tensor", "div_.Tensor", "maximum", "minimum"))
+def multiply(ctx, node: Node) -> None:
+    """Gates, squeeze-excite and layer scales: per channel; a parameter operand is per-channel."""
+    ctx.broadcast(node, list(node.args[:2]), param_role="channel")
+    ctx.effect_all(node, "channelwise")
+
+
+@op_rule(*_overloads("where.self"))
+def where(ctx, node: Node) -> None:
+    ctx.broadcast(node, list(node.args[:3]), param_role="channel")
+    ctx.effect_all(node, "channelwise")
+
+
+# -- layers with weights ------------------------------------------------------------------
+@op_rule(aten.linear.default)
+def linear(ctx, node: Node) -> None:
+    x, weight, bias = node.args[0], node.args[1], arg(node, "bias")
+    ctx.tie_leading(x, node, ctx.ndim(node) - 1)
+    ctx.consume(x, -1, weight, 1, node)
+    ctx.produce(node, -1, weight, 0, bias)
+
+
+@op_rule(*_overloads("conv1d", "conv2d", "conv3d", "convolution"))
+def conv(ctx, node: Node) -> None:
+    x, weight, bias = node.args[0], node.args[1], arg(node, "bias")
+    groups = arg(node, "groups", 1)
+    if arg(node, "transposed", False):
+        ctx.freeze_all(node, "transposed convolution is not supported yet")
+        return
+    ctx.tie(ctx.dim(x, 0), ctx.dim(node, 0))
+    channels_in, channels_out = ctx.size(x, 1), ctx.size(node, 1)
+    if groups == 1:
+        ctx.consume(x, 1, weight, 1, node)
+        ctx.produce(node, 1, weight, 0, bias)
+    elif groups == channels_in == channels_out:  # depthwise: per channel, in = out
+        ctx.tie(ctx.dim(x, 1), ctx.dim(node, 1))
+        ctx.channel(node, 1, weight, 0, node)
+        if isinstance(bias, Node):
+            ctx.channel(node, 1, bias, 0, node)
+        ctx.effect(ctx.dim(node, 1), "channelwise", node)
+    else:
+        reason = f"grouped convolution {node.name} (groups={groups}) couples channels in blocks"
+        ctx.freeze(ctx.dim(x, 1), reason)
+        ctx.freeze(ctx.dim(node, 1), reason)
+        for p in (weight, bias):
+            if isinstance(p, Node):
+                ctx.freeze_all(p, reason)
+
+
+@op_rule(aten.embedding.default)
+def embedding(ctx, node: Node) -> None:
+    weight, indices = node.args[0], node.args[1]
+    ctx.tie_leading(indices, node, ctx.ndim(indices))
+    ctx.produce(node, -1, weight, 1, None)
+
+
+@module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batch_norm(ctx, node: Node) -> None:
+    ctx.tie_all(node.args[0], node)
+    ctx.channel_module(node, 1)
+    ctx.effect(ctx.dim(node, 1), "channelwise", node)
+
+
+@op_rule(*_overloads("layer_norm", "rms_norm"))
+def layer_norm(ctx, node: Node) -> None:
+    x, shape = node.args[0], node.args[1]
+    weight, bias = arg(node, "weight"), arg(node, "bias")
+    ctx.tie_all(x, node)
+    for axis in range(-len(shape), 0):
+        ctx.effect(ctx.dim(node, axis), "normalizing", node)
+    if len(shape) == 1:
+        for p in (weight, bias):
+            if isinstance(p, Node):
+                ctx.channel(node, -1, p, 0, node)
+    else:
+        ctx.freeze_all(node, f"{node.name} normalises over {len(shape)} dims")
+
+
+@op_rule(*_overloads("group_norm"))
+def group_norm(ctx, node: Node) -> None:
+    ctx.tie_all(node.args[0], node)
+    ctx.freeze(ctx.dim(node, 1), f"group norm {node.name} couples channels in groups")
+
+
+# -- attention and matrix products ------------------------------------------------------------
+@op_rule(aten.scaled_dot_product_attention.default)
+def sdpa(ctx, node: Node) -> None:
+    q, k, v = node.args[:3]
+    lead = ctx.ndim(node) - 2
+    for axis in range(lead):  # batch and heads, broadcast-aware
+        ctx.broadcast_axis(node, [q, k, v], axis)
+    ctx.tie(ctx.dim(q, -2), ctx.dim(node, -2))
+    ctx.tie(ctx.dim(k, -2), ctx.dim(v, -2))
+    ctx.tie(ctx.dim(q, -1), ctx.dim(k, -1))
+    ctx.effect(ctx.dim(q, -1), "attention", node)
+    ctx.tie(ctx.dim(v, -1), ctx.dim(node, -1))
+    ctx.effect(ctx.dim(node, -1), "linear", node)
+
+
+@op_rule(*_overloads("matmul", "bmm"))
+def matmul(ctx, node: Node) -> None:
+    a, b = node.args[:2]
+    if ctx.ndim(a) < 2 or ctx.ndim(b) < 2:
+        ctx.freeze_all(node, f"{node.name}: matmul with a vector operand")
+        return
+    for axis in range(ctx.ndim(node) - 2):
+        ctx.broadcast_axis(node, [a, b], axis)
+    ctx.tie(ctx.dim(a, -2), ctx.dim(node, -2))
+    ctx.tie(ctx.dim(b, -1), ctx.dim(node, -1))
+    ctx.tie(ctx.dim(a, -1), ctx.dim(b, -2))
+    ctx.effect(ctx.dim(a, -1), "channelwise", node)  # contracted between two activations
+    ctx.effect(ctx.dim(node, -1), "linear", node)
+
+
+@op_rule(*_overloads("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))
+def softmax(ctx, node: Node) -> None:
+    ctx.tie_all(node.args[0], node)
+    ctx.effect(ctx.dim(node, arg(node, "dim")), "normalizing", node)
+
+
+# -- shape ops ----------------------------------------------------------------------------
+@op_rule(*_overloads("permute"))
+def permute(ctx, node: Node) -> None:
+    for out_axis, in_axis in enumerate(node.args[1]):
+        ctx.tie(ctx.dim(node.args[0], in_axis), ctx.dim(node, out_axis))
+
+
+@op_rule(*_overloads("transpose.int", "t"))
+def transpose(ctx, node: Node) -> None:
+    n = ctx.ndim(node)
+    a, b = arg(node, "dim0", 0), arg(node, "dim1", 1)
+    order = list(range(n))
+    order[a % n], order[b % n] = order[b % n], order[a % n]
+    for out_axis, in_axis in enumerate(order):
+        ctx.tie(ctx.dim(node.args[0], in_axis), ctx.dim(node, out_axis))
+
+
+@op_rule(*_overloads("view", "reshape", "_unsafe_view", "flatten.using_ints", "unflatten.int",
+                     "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze", "view_as", "reshape_as"))
+def reshape(ctx, node: Node) -> None:
+    ctx.match_reshape(node.args[0], node)
+
+
+@op_rule(*_overloads("expand", "expand_as"))
+def expand(ctx, node: Node) -> None:
+    ctx.broadcast(node, [node.args[0]], param_role="channel")
+
+
+@op_rule(*_overloads("select.int"))
+def select(ctx, node: Node) -> None:
+    x, axis = node.args[0], node.args[1] % ctx.ndim(node.args[0])
+    kept = [a for a in range(ctx.ndim(x)) if a != axis]
+    for out_axis, in_axis in enumerate(kept):
+        ctx.tie(ctx.dim(x, in_axis), ctx.dim(node, out_axis))
+    ctx.freeze(ctx.dim(x, axis), f"{node.name} selects one index of this dim")
+
+
+@op_rule(*_overloads("slice.Tensor"))
+def slice_(ctx, node: Node) -> None:
+    x = node.args[0]
+    axis = arg(node, "dim", 0) % ctx.ndim(x)
+    for a in range(ctx.ndim(x)):
+        if a != axis or ctx.same_size(x, a, node, a):
+            ctx.tie(ctx.dim(x, a), ctx.dim(node, a))
+        else:
+            ctx.freeze(ctx.dim(x, a), f"{node.name} slices part of this dim")
+            ctx.freeze(ctx.dim(node, a), f"{node.name} slices part of this dim")
+
+
+@op_rule(*_overloads("cat"))
+def cat(ctx, node: Node) -> None:
+    tensors = node.args[0]
+    axis = arg(node, "dim", 0) % ctx.ndim(node)
+    for t in tensors:
+        for a in range(ctx.ndim(node)):
+            if a != axis:
+                ctx.tie(ctx.dim(t, a), ctx.dim(node, a))
+    reason = f"concatenated by {node.name} (segment-wise compression is not supported yet)"
+    ctx.freeze(ctx.dim(node, axis), reason)
+    for t in tensors:
+        ctx.freeze(ctx.dim(t, axis), reason)
+
+
+@op_rule(*_overloads("split.Tensor", "split_with_sizes", "chunk", "unbind.int"))
+def split(ctx, node: Node) -> None:
+    x = node.args[0]
+    axis = arg(node, "dim", 0) % ctx.ndim(x)
+    ctx.freeze(ctx.dim(x, axis), f"split by {node.name}")
+    ctx.record_split(node, x, axis)
+
+
+@op_rule(operator.getitem)
+def getitem(ctx, node: Node) -> None:
+    ctx.take_split_output(node)
+
+
+@op_rule(*_overloads("mean.dim", "sum.dim_IntList", "amax", "amin", "mean", "sum", "var.correction", "std.correction"))
+def reduce(ctx, node: Node) -> None:
+    x = node.args[0]
+    axes = arg(node, "dim")
+    axes = list(range(ctx.ndim(x))) if axes is None else axes
+    axes = {a % ctx.ndim(x) for a in ([axes] if isinstance(axes, int) else axes)}
+    keep = ctx.ndim(node) == ctx.ndim(x)
+    out_axis = 0
+    for a in range(ctx.ndim(x)):
+        if a in axes:
+            ctx.freeze(ctx.dim(x, a), f"{node.name} reduces over this dim")
+            out_axis += keep
+        else:
+            ctx.tie(ctx.dim(x, a), ctx.dim(node, out_axis))
+            out_axis += 1
+
+
+@op_rule(*_overloads("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d",
+                     "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                     "adaptive_avg_pool3d", "adaptive_max_pool2d"))
+def pool(ctx, node: Node) -> None:
+    x = node.args[0]
+    ctx.tie(ctx.dim(x, 0), ctx.dim(node, 0))
+    ctx.tie(ctx.dim(x, 1), ctx.dim(node, 1))
+    effect = "channelwise" if "max" in str(node.target) else "linear"
+    ctx.effect(ctx.dim(node, 1), effect, node)
+
+
+# -- ops that only read shapes or build index tensors -------------------------------------------
+@op_rule(*_overloads("sym_size.int", "sym_numel", "sym_stride.int", "size.int", "dim", "arange", "arange.start",
+                     "arange.start_step", "zeros", "ones", "full", "empty.memory_format", "scalar_tensor",
+                     "_assert_scalar", "_assert_tensor_metadata"))
+def shape_query(ctx, node: Node) -> None:
+    """Reads sizes or builds fresh tensors: couples nothing."""

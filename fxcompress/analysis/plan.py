@@ -1,0 +1,94 @@
+"""The plan: what the width analysis found, as a frozen, printable, JSON-serialisable value."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+#: What an op does to a dimension, from most to least permissive for rewriting.
+#: ``linear``: rotation-equivariant (add, linear maps, scalar scaling, reshapes, pooling by averaging);
+#: ``channelwise``: acts per channel (ReLU/GELU, BatchNorm, max-pooling, elementwise products),
+#:     so only index selection or consumer-side projection is exact;
+#: ``normalizing``: mixes the whole dim in a nonlinear way (LayerNorm, RMSNorm, softmax), exact for neither;
+#: ``attention``: the head dim of attention scores (the softmax scale depends on its size).
+EFFECTS = ("linear", "channelwise", "normalizing", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """One parameter axis in a group: ``param`` (qualified name) along ``axis``, as ``role``."""
+
+    param: str
+    axis: int
+    role: str  # "producer" (writes the dim: W ← P·W), "consumer" (reads it: W ← W·Pᵀ), "channel" (per-channel vector)
+    node: str  # the graph node that uses it
+
+    def __str__(self) -> str:
+        return f"{self.param}[{self.axis}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthGroup:
+    """A set of tensor dimensions that must keep one size: the unit the rewrite narrows."""
+
+    name: str
+    size: int
+    producers: tuple[Use, ...]
+    consumers: tuple[Use, ...]
+    channels: tuple[Use, ...]
+    passthrough: tuple[str, ...]
+    effects: tuple[str, ...]
+    probe: str | None
+    frozen_by: tuple[str, ...]
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.frozen_by)
+
+    @property
+    def exact(self) -> tuple[str, ...]:
+        """Transforms that keep the function exact on this group (before any fine-tuning)."""
+        if self.frozen or "normalizing" in self.effects or "attention" in self.effects:
+            return ()
+        if "channelwise" in self.effects:
+            return ("selection",)
+        return ("selection", "projection")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("producers", "consumers", "channels"):
+            out[key] = [dataclasses.asdict(u) for u in getattr(self, key)]
+        out["exact"] = list(self.exact)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The width groups of a model, in graph order."""
+
+    groups: tuple[WidthGroup, ...]
+
+    def __getitem__(self, name: str) -> WidthGroup:
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(f"no width group named {name!r}; groups: {[g.name for g in self.groups]}")
+
+    @property
+    def compressible(self) -> tuple[WidthGroup, ...]:
+        return tuple(g for g in self.groups if not g.frozen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": [g.to_dict() for g in self.groups]}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        lines = [f"Plan: {len(self.groups)} width groups, {len(self.compressible)} compressible"]
+        for g in self.groups:
+            status = f"frozen: {'; '.join(g.frozen_by)}" if g.frozen else f"exact: {', '.join(g.exact) or 'none (approximate)'}"
+            lines.append(f"  {g.name:40s} d={g.size:<6d} {len(g.producers)} producers, {len(g.consumers)} consumers, "
+                         f"{len(g.channels)} per-channel; probe {g.probe}; {status}")
+        return "\n".join(lines)

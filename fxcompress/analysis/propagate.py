@@ -1,0 +1,318 @@
+"""Width propagation: a pure pass from an ATen graph to its :class:`Plan` of width groups.
+
+Every axis of every tensor in the graph (activations and parameters alike) is an element of
+a union-find. The op rules in :mod:`fxcompress.analysis.ops` tie axes that must keep one
+size, tag what each op does to them, and record which parameter axes produce or consume
+them. The classes that hold parameter axes are the width groups. Model inputs and outputs
+keep their sizes, and an op without a rule freezes every dimension it touches: nothing is
+ever assumed to be elementwise.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxcompress.analysis.ops import MODULE_RULES, OP_RULES
+from fxcompress.analysis.plan import Plan, Use, WidthGroup
+from fxcompress.capture import capture
+
+DimKey = tuple[str, int]
+
+
+class Context:
+    """What rules see: shapes of nodes, and the operations on the union-find of axes."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.parent: dict[DimKey, DimKey] = {}
+        self.effects: dict[DimKey, list[tuple[str, str]]] = defaultdict(list)
+        self.frozen: dict[DimKey, list[str]] = defaultdict(list)
+        self.uses: list[tuple[DimKey, Use, str | None]] = []
+        self.splits: dict[str, tuple[Node, int]] = {}
+
+    # -- shapes -------------------------------------------------------------------------
+    def value(self, node: Any) -> torch.Tensor | None:
+        if not isinstance(node, Node):
+            return None
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(self.gm)
+        val = node.meta.get("val")
+        return val if isinstance(val, torch.Tensor) else None
+
+    def shape(self, node: Any) -> tuple | None:
+        val = self.value(node)
+        return None if val is None else tuple(_size_key(s) for s in val.shape)
+
+    def ndim(self, node: Any) -> int:
+        shape = self.shape(node)
+        return 0 if shape is None else len(shape)
+
+    def size(self, node: Any, axis: int) -> Any:
+        return self.shape(node)[axis]
+
+    def same_size(self, a: Node, ai: int, b: Node, bi: int) -> bool:
+        return self.size(a, ai) == self.size(b, bi)
+
+    def dim(self, node: Any, axis: int) -> DimKey | None:
+        """The key of one axis; parameters are keyed by name, so a tied weight is one tensor."""
+        n = self.ndim(node)
+        if not n:
+            return None
+        return (f"param:{node.target}" if node.op == "get_attr" else node.name, axis % n)
+
+    def dims(self, node: Any) -> list[DimKey]:
+        return [self.dim(node, a) for a in range(self.ndim(node))]
+
+    # -- union-find ---------------------------------------------------------------------
+    def find(self, key: DimKey) -> DimKey:
+        root = self.parent.setdefault(key, key)
+        while root != self.parent[root]:
+            self.parent[root] = self.parent[self.parent[root]]
+            root = self.parent[root]
+        return root
+
+    def tie(self, a: DimKey | None, b: DimKey | None) -> None:
+        if a is not None and b is not None:
+            ra, rb = self.find(a), self.find(b)
+            if ra != rb:
+                self.parent[rb] = ra
+
+    def tie_all(self, x: Node, node: Node) -> None:
+        if self.ndim(x) == self.ndim(node):
+            for a in range(self.ndim(node)):
+                self.tie(self.dim(x, a), self.dim(node, a))
+        else:
+            self.broadcast(node, [x], param_role="channel")
+
+    def tie_leading(self, x: Node, node: Node, count: int) -> None:
+        for a in range(count):
+            self.tie(self.dim(x, a), self.dim(node, a))
+
+    def broadcast(self, node: Node, operands: list[Any], param_role: str) -> None:
+        """Tie each operand axis to the output axis it lines up with (from the right), unless broadcast."""
+        out = self.shape(node)
+        if out is None:
+            return
+        for operand in operands:
+            shape = self.shape(operand)
+            if shape is None:
+                continue
+            offset = len(out) - len(shape)
+            for a, size in enumerate(shape):
+                if size == out[a + offset] and size != 1:
+                    self.tie(self.dim(operand, a), self.dim(node, a + offset))
+                    if operand.op == "get_attr":
+                        self.record(self.dim(node, a + offset), operand, a, param_role, node, None)
+
+    def broadcast_axis(self, node: Node, operands: list[Node], axis: int) -> None:
+        out = self.shape(node)
+        for operand in operands:
+            shape = self.shape(operand)
+            a = axis - (len(out) - len(shape))
+            if a >= 0 and shape[a] == out[axis] and shape[a] != 1:
+                self.tie(self.dim(operand, a), self.dim(node, axis))
+
+    # -- what ops do --------------------------------------------------------------------
+    def effect(self, key: DimKey | None, effect: str, node: Node) -> None:
+        if key is not None:
+            self.effects[key].append((effect, node.name))
+
+    def effect_all(self, node: Node, effect: str) -> None:
+        for key in self.dims(node):
+            self.effect(key, effect, node)
+
+    def freeze(self, key: DimKey | None, reason: str) -> None:
+        if key is not None:
+            self.frozen[key].append(reason)
+
+    def freeze_all(self, node: Any, reason: str) -> None:
+        for key in self.dims(node):
+            self.freeze(key, reason)
+
+    def record(self, key: DimKey, param: Node, axis: int, role: str, node: Node, activation: Node | None) -> None:
+        self.tie(key, self.dim(param, axis))
+        use = Use(param=str(param.target), axis=axis, role=role, node=node.name)
+        self.uses.append((key, use, None if activation is None else activation.name))
+
+    def consume(self, x: Node, x_axis: int, weight: Node, w_axis: int, node: Node) -> None:
+        self.record(self.dim(x, x_axis), weight, w_axis, "consumer", node, x)
+
+    def produce(self, node: Node, axis: int, weight: Node, w_axis: int, bias: Any) -> None:
+        self.record(self.dim(node, axis), weight, w_axis, "producer", node, None)
+        if isinstance(bias, Node):
+            self.record(self.dim(node, axis), bias, 0, "producer", node, None)
+
+    def channel(self, node: Node, axis: int, param: Node, p_axis: int, op: Node) -> None:
+        self.record(self.dim(node, axis), param, p_axis, "channel", op, None)
+
+    def channel_module(self, node: Node, axis: int) -> None:
+        """A submodule's per-channel state (BatchNorm: weight, bias, running statistics)."""
+        key = self.dim(node, axis)
+        self.uses.append((key, Use(param=str(node.target), axis=0, role="channel", node=node.name), None))
+
+    # -- reshapes and splits ---------------------------------------------------------------
+    def match_reshape(self, x: Node, node: Node) -> None:
+        """Tie input and output axes that a view maps one to one; freeze those it merges or splits."""
+        a_shape, b_shape = self.shape(x), self.shape(node)
+        i = j = 0
+        while i < len(a_shape) or j < len(b_shape):
+            if i < len(a_shape) and a_shape[i] == 1:
+                i += 1
+            elif j < len(b_shape) and b_shape[j] == 1:
+                j += 1
+            elif i < len(a_shape) and j < len(b_shape) and a_shape[i] == b_shape[j]:
+                self.tie(self.dim(x, i), self.dim(node, j))
+                i, j = i + 1, j + 1
+            else:
+                i, j = self._freeze_block(x, node, a_shape, b_shape, i, j)
+
+    def _freeze_block(self, x: Node, node: Node, a: tuple, b: tuple, i: int, j: int) -> tuple[int, int]:
+        """Freeze the run of axes whose products match (a merge or a split); return where it ends."""
+        reason = f"{node.name} reshapes {a} → {b}: merged or split dims keep their size"
+        pa, pb, i0, j0 = 1, 1, i, j
+        while True:
+            if pa == pb and i > i0 and j > j0 or (i >= len(a) and j >= len(b)):
+                break
+            if (pa <= pb or j >= len(b)) and i < len(a):
+                pa, i = _mul(pa, a[i]), i + 1
+            elif j < len(b):
+                pb, j = _mul(pb, b[j]), j + 1
+            else:
+                break
+            if isinstance(pa, str) or isinstance(pb, str):  # symbolic sizes: freeze the rest
+                i, j = len(a), len(b)
+                break
+        for k in range(i0, i):
+            self.freeze(self.dim(x, k), reason)
+        for k in range(j0, j):
+            self.freeze(self.dim(node, k), reason)
+        return i, j
+
+    def record_split(self, node: Node, x: Node, axis: int) -> None:
+        self.splits[node.name] = (x, axis)
+
+    def take_split_output(self, node: Node) -> None:
+        source = node.args[0]
+        if not isinstance(source, Node) or source.name not in self.splits:
+            freeze_untouched(self, node)
+            return
+        x, axis = self.splits[source.name]
+        for a in range(self.ndim(node)):
+            if a == axis:
+                self.freeze(self.dim(node, a), f"split by {source.name}")
+            else:
+                self.tie(self.dim(x, a), self.dim(node, a))
+
+
+def _size_key(size: Any) -> int | str:
+    return int(size) if isinstance(size, int) or str(size).lstrip("-").isdigit() else str(size)
+
+
+def _mul(a: Any, b: Any) -> Any:
+    return a * b if isinstance(a, int) and isinstance(b, int) else f"({a})*({b})"
+
+
+def freeze_untouched(ctx: Context, node: Node) -> None:
+    """The fallback for ops without a rule: freeze every dim of their tensor inputs and outputs."""
+    reason = f"{node.name} ({_describe(ctx.gm, node)}) has no width rule"
+    for arg in node.all_input_nodes:
+        ctx.freeze_all(arg, reason)
+    ctx.freeze_all(node, reason)
+
+
+def _describe(gm: GraphModule, node: Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return str(node.target)
+
+
+def analyze_graph(gm: GraphModule) -> Plan:
+    """The width groups of a captured graph (see :func:`fxcompress.capture.capture`). Pure."""
+    ctx = Context(gm)
+    order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        _apply_rule(ctx, gm, node)
+    return _collect(ctx, order)
+
+
+def analyze(model: Any, example_args: Any = (), example_kwargs: dict | None = None) -> Plan:
+    """Capture ``model`` and return its plan.
+
+    Example:
+        >>> plan = analyze(torchvision.models.resnet18(), (torch.randn(2, 3, 32, 32),))  # doctest: +SKIP
+        >>> print(plan)                                                                    # doctest: +SKIP
+    """
+    return analyze_graph(capture(model, example_args, example_kwargs))
+
+
+def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
+    if node.op == "placeholder":
+        ctx.freeze_all(node, f"model input {node.name}")
+    elif node.op == "output":
+        for out in node.all_input_nodes:
+            ctx.freeze_all(out, f"model output {out.name}")
+    elif node.op == "call_function":
+        rule = OP_RULES.get(node.target)
+        (rule or freeze_untouched)(ctx, node)
+    elif node.op == "call_module":
+        rule = MODULE_RULES.get(type(gm.get_submodule(node.target)))
+        (rule or freeze_untouched)(ctx, node)
+    elif node.op == "call_method":
+        freeze_untouched(ctx, node)
+
+
+def _collect(ctx: Context, order: dict[str, int]) -> Plan:
+    members: dict[DimKey, list[DimKey]] = defaultdict(list)
+    for key in list(ctx.parent):
+        members[ctx.find(key)].append(key)
+    by_root: dict[DimKey, list[tuple[Use, str | None]]] = defaultdict(list)
+    for key, use, activation in ctx.uses:
+        by_root[ctx.find(key)].append((use, activation))
+    groups = [_group(ctx, root, uses, members[root], order)
+              for root, uses in by_root.items() if any(u.role != "channel" for u, _ in uses)]
+    groups.sort(key=lambda g: g[0])
+    return Plan(tuple(_unique_names([g for _, g in groups])))
+
+
+def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: dict[str, int]) -> tuple[int, WidthGroup]:
+    by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
+    effects = sorted({e for k in keys for e, _ in ctx.effects.get(k, [])})
+    passthrough = tuple(sorted({n for k in keys for _, n in ctx.effects.get(k, [])}, key=lambda n: order.get(n, 0)))
+    frozen = tuple(dict.fromkeys(r for k in keys for r in ctx.frozen.get(k, [])))
+    probes = [a for u, a in uses if u.role == "consumer" and a is not None]
+    probe = min(probes, key=lambda n: order[n]) if probes else None
+    first = min(order.get(u.node, 0) for u, _ in uses)
+    size = _key_size(ctx, root)
+    name = _name(by_role)
+    return first, WidthGroup(name, size, by_role["producer"], by_role["consumer"], by_role["channel"],
+                             passthrough, tuple(effects), probe, frozen)
+
+
+def _key_size(ctx: Context, key: DimKey) -> int:
+    name, axis = key
+    if name.startswith("param:"):
+        return int(operator.attrgetter(name[len("param:"):])(ctx.gm).shape[axis])
+    node = next(n for n in ctx.gm.graph.nodes if n.name == name)
+    size = ctx.size(node, axis)
+    return size if isinstance(size, int) else -1
+
+
+def _name(by_role: dict[str, tuple[Use, ...]]) -> str:
+    if by_role["producer"]:
+        return by_role["producer"][0].param.rsplit(".", 1)[0]
+    return by_role["consumer"][0].param.rsplit(".", 1)[0] + ".in"
+
+
+def _unique_names(groups: list[WidthGroup]) -> list[WidthGroup]:
+    seen: dict[str, int] = {}
+    out = []
+    for g in groups:
+        count = seen.get(g.name, 0)
+        seen[g.name] = count + 1
+        out.append(g if not count else WidthGroup(f"{g.name}#{count}", *list(vars(g).values())[1:]))
+    return out

@@ -1,0 +1,183 @@
+"""Capture: any user model → one ATen-level ``torch.fx.GraphModule`` with shapes on every node.
+
+Every model goes through ``torch.export`` (non-strict), so torchvision and transformers
+models — and ``symbolic_trace`` GraphModules — all arrive in one op vocabulary
+(``aten.linear``, ``aten.conv2d``, ``aten.layer_norm``, ...), and the width analysis needs
+one rule per op kind, not one per frontend. The capture then makes the graph a drop-in,
+trainable module:
+
+* the model is deep-copied first: exported parameters alias the user's tensors, and the
+  user's model is never mutated, not even on failure;
+* batch axes (and the sequence axes of integer inputs) are dynamic, so the module accepts
+  other batch sizes, and the export's shape guards are dropped;
+* ``aten.dropout`` and ``aten.batch_norm`` have the mode of capture time baked in; they
+  become ``nn.Dropout`` / ``nn.BatchNorm*d`` submodules that follow ``.train()``/``.eval()``.
+
+Example:
+    >>> import torchvision
+    >>> gm = capture(torchvision.models.resnet18(), (torch.randn(2, 3, 32, 32),))
+    >>> gm(torch.randn(5, 3, 32, 32)).shape
+    torch.Size([5, 1000])
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcompress.errors import CaptureError
+
+aten = torch.ops.aten
+
+
+def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any] | None = None) -> GraphModule:
+    """Capture ``model`` (``nn.Module``, ``GraphModule`` or ``ExportedProgram``) as an ATen graph.
+
+    ``example_args``/``example_kwargs`` are one real input, as the model is called; an
+    ``ExportedProgram`` needs none. The returned module is independent of ``model``.
+    """
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
+    kwargs = dict(example_kwargs or {})
+    program = _export(model, args, kwargs)
+    gm = program.module()
+    gm = GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Captured{type(model).__name__}")
+    _drop_guards(gm)
+    _restore_train_eval(gm)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    return gm
+
+
+def _export(model: Any, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    if isinstance(model, torch.export.ExportedProgram):
+        return copy.deepcopy(model)
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
+                           f"got {type(model).__name__}")
+    if not args and not kwargs:
+        raise CaptureError("capturing a module needs example inputs: pass one batch as the model is called")
+    work = copy.deepcopy(model).eval()
+    try:
+        return torch.export.export(work, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False)
+    except Exception as exc:  # torch raises many types; all mean "could not capture"
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {_first_line(exc)}\n"
+            "Check that the example inputs are valid for the model; data-dependent Python control flow "
+            "must become torch.cond or be moved out of forward()."
+        ) from exc
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | None:
+    """Batch axes dynamic; for integer inputs (token ids, masks) the sequence axis too."""
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0:
+                return None
+            axes = {0: torch.export.Dim.AUTO}
+            if not value.is_floating_point() and value.ndim >= 2:
+                axes[1] = torch.export.Dim.AUTO
+            return axes
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value)
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    if not args:
+        return {k: spec(v) for k, v in kwargs.items()}
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    return None  # mixed positional and keyword inputs: let export keep static shapes
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _drop_guards(gm: GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target in (aten._assert_tensor_metadata.default,
+                                                            torch._assert, aten._assert_scalar.default):
+            gm.graph.erase_node(node)
+
+
+def _restore_train_eval(gm: GraphModule) -> None:
+    """Turn mode-baked dropout / batch-norm calls into submodules that follow ``.train()``."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten.dropout.default:
+            _swap_for_module(gm, node, nn.Dropout(float(node.args[1])), (node.args[0],))
+        elif node.target == aten.batch_norm.default:
+            owner = _common_owner(node.args[1:5])
+            _swap_for_module(gm, node, _batch_norm_module(gm, node), (node.args[0],), owner)
+
+
+def _common_owner(params: tuple) -> str | None:
+    """The module path holding all of ``params`` (e.g. ``layer1.0.bn1``), if they share one."""
+    owners = {p.target.rpartition(".")[0] for p in params if isinstance(p, Node) and p.op == "get_attr"}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _swap_for_module(gm: GraphModule, node: Node, module: nn.Module, args: tuple, path: str | None = None) -> None:
+    """Replace ``node`` by a call of ``module``, installed at ``path`` (the original
+    module's, so state-dict keys stay those of the user's model) or under a fresh name."""
+    if path and not any(n.op == "get_attr" and n.target.startswith(path + ".") and n.users and n not in node.args
+                        for n in gm.graph.nodes):
+        _carry_buffers(gm.get_submodule(path), module)
+        name = path
+        gm.delete_submodule(path)
+    else:
+        name = _fresh_name(gm, node.name)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _batch_norm_module(gm: GraphModule, node: Node) -> nn.Module:
+    x, weight, bias, mean, var = node.args[:5]
+    momentum, eps = float(node.args[6]), float(node.args[7])
+    channels = node.args[0].meta["val"].shape[1]
+    dims = node.args[0].meta["val"].ndim
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dims]
+    bn = cls(channels, eps=eps, momentum=momentum, affine=weight is not None, track_running_stats=mean is not None)
+    with torch.no_grad():
+        for attr, source in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
+            if isinstance(source, Node):
+                getattr(bn, attr).copy_(_fetch(gm, source))
+    return bn
+
+
+def _carry_buffers(old: nn.Module, new: nn.Module) -> None:
+    """Keep state the graph did not use (BatchNorm's ``num_batches_tracked``)."""
+    for name, buffer in old.named_buffers(recurse=False):
+        if name in dict(new.named_buffers(recurse=False)) and name not in ("running_mean", "running_var"):
+            getattr(new, name).copy_(buffer)
+
+
+def _fetch(gm: GraphModule, node: Node) -> torch.Tensor:
+    if node.op != "get_attr":
+        raise CaptureError(f"batch_norm at {node.format_node()} takes a computed tensor; expected a parameter")
+    return operator.attrgetter(node.target)(gm)
+
+
+def _fresh_name(gm: GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name

@@ -1,0 +1,125 @@
+"""Small models whose width groups are known by hand: the oracles of the analysis tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc_in = nn.Linear(16, 32)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(32, 64), "fc2": nn.Linear(64, 32)}) for _ in range(2))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.fc_in(x)
+        for block in self.blocks:
+            h = h + block["fc2"](F.relu(block["fc1"](h)))
+        return self.head(h)
+
+
+class ConvBNResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.conv2, self.bn2 = nn.Conv2d(12, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(h + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(h))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+        self.mix = nn.Conv2d(10, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.mix(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.project = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.expand(x)))
+        h = F.relu(self.bn2(self.dw(h)))
+        return self.fc(F.adaptive_avg_pool2d(self.project(h), 1).flatten(1))
+
+
+class PostLNTransformer(nn.Module):
+    """Two post-LN encoder layers (BERT's layout) over token ids, mean-pooled to 2 classes."""
+
+    def __init__(self, vocab=50, d=32, heads=4, ffn=64, layers=2):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.embed_norm = nn.Embedding(vocab, d), nn.LayerNorm(d)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "q": nn.Linear(d, d), "k": nn.Linear(d, d), "v": nn.Linear(d, d), "o": nn.Linear(d, d),
+            "norm1": nn.LayerNorm(d), "ffn1": nn.Linear(d, ffn), "ffn2": nn.Linear(ffn, d), "norm2": nn.LayerNorm(d),
+        }) for _ in range(layers))
+        self.classifier = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        h = self.embed_norm(self.embed(ids))
+        b, s, d = h.shape
+        for layer in self.layers:
+            q, k, v = (layer[n](h).view(b, s, self.heads, -1).transpose(1, 2) for n in "qkv")
+            attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d)
+            h = layer["norm1"](h + layer["o"](attn))
+            h = layer["norm2"](h + layer["ffn2"](F.gelu(layer["ffn1"](h))))
+        return self.classifier(h.mean(dim=1))
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, ids):
+        return F.linear(torch.tanh(self.fc(self.embed(ids))), self.embed.weight)
+
+
+class Unsupported(nn.Module):
+    """A cumulative sum over features: an op the analysis has no rule for."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 24), nn.Linear(24, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.cumsum(self.fc1(x), dim=-1))))
+
+
+def image(batch=2):
+    return (torch.randn(batch, 3, 8, 8),)
+
+
+def tokens(batch=2, length=6, vocab=50):
+    return (torch.randint(0, vocab, (batch, length)),)
+
+
+ORACLES = {
+    "residual_mlp": (ResidualMLP, lambda: (torch.randn(3, 16),)),
+    "conv_bn_residual": (ConvBNResidual, image),
+    "concat": (Concat, image),
+    "depthwise": (Depthwise, image),
+    "post_ln_transformer": (PostLNTransformer, tokens),
+    "tied_embeddings": (TiedLM, tokens),
+    "unsupported_op": (Unsupported, lambda: (torch.randn(3, 8),)),
+}
