@@ -2,18 +2,40 @@
 
 The pipeline, one module per stage:
 
+* :mod:`fxcompress.capture` — any model → one ATen-level ``torch.fx`` graph;
+* :mod:`fxcompress.analysis` — width propagation: the groups of coupled dimensions (pure);
+* :mod:`fxcompress.calibrate` — one pass over calibration data → a covariance per group;
 * :mod:`fxcompress.spectral` — covariance of hidden activations, Marchenko–Pastur noise
-  bulk, and the rules that choose how many directions a layer keeps.
+  bulk, and the rules that choose how many directions a layer keeps;
+* :mod:`fxcompress.rewrite` — apply a projection per group, narrowing every coupled op;
+* :mod:`fxcompress.compress` — all of the above in one call.
 
 Every error raised on purpose derives from :class:`FxCompressError`.
 """
 
-from fxcompress.errors import ConfigError, DataError, DatasetError, FxCompressError
+from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
+from fxcompress.capture import capture
+from fxcompress.compress import CompressConfig, CompressResult, compress
+from fxcompress.errors import AnalysisError, CaptureError, ConfigError, DataError, DatasetError, FxCompressError
+from fxcompress.rewrite import Projection, RewriteError, rewrite
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisError",
+    "CaptureError",
+    "CompressConfig",
+    "CompressResult",
+    "Plan",
+    "Projection",
+    "RewriteError",
+    "WidthGroup",
+    "analyze",
+    "analyze_graph",
+    "capture",
+    "compress",
+    "rewrite",
     "ConfigError",
     "CovarianceAccumulator",
     "DataError",

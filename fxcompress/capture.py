@@ -154,7 +154,9 @@ def _batch_norm_module(gm: GraphModule, node: Node) -> nn.Module:
     channels = node.args[0].meta["val"].shape[1]
     dims = node.args[0].meta["val"].ndim
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dims]
-    bn = cls(channels, eps=eps, momentum=momentum, affine=weight is not None, track_running_stats=mean is not None)
+    dtype = next((_fetch(gm, p).dtype for p in (weight, mean) if isinstance(p, Node)), None)
+    bn = cls(channels, eps=eps, momentum=momentum, affine=weight is not None, track_running_stats=mean is not None,
+             dtype=dtype)
     with torch.no_grad():
         for attr, source in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
             if isinstance(source, Node):

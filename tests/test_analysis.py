@@ -79,7 +79,7 @@ def test_post_ln_transformer_groups():
     assert stream.size == 32 and not stream.frozen
     assert stream.exact == ()  # post-LN: LayerNorm breaks rotation, so approximate
     assert "normalizing" in stream.effects
-    assert len(stream.producers) == 9 and len(stream.consumers) == 9 and len(stream.channels) == 10
+    assert len(stream.producers) == 14 and len(stream.consumers) == 9 and len(stream.channels) == 5  # LN: scale, shift
     assert {c.param for c in stream.consumers} >= {"layers.0.q.weight", "layers.1.ffn1.weight", "classifier.weight"}
     for i in range(2):
         assert plan[f"layers.{i}.ffn1"].exact == ("selection",)

@@ -115,11 +115,11 @@ def tokens(batch=2, length=6, vocab=50):
 
 
 ORACLES = {
-    "residual_mlp": (ResidualMLP, lambda: (torch.randn(3, 16),)),
+    "residual_mlp": (ResidualMLP, lambda batch=3: (torch.randn(batch, 16),)),
     "conv_bn_residual": (ConvBNResidual, image),
     "concat": (Concat, image),
     "depthwise": (Depthwise, image),
     "post_ln_transformer": (PostLNTransformer, tokens),
     "tied_embeddings": (TiedLM, tokens),
-    "unsupported_op": (Unsupported, lambda: (torch.randn(3, 8),)),
+    "unsupported_op": (Unsupported, lambda batch=3: (torch.randn(batch, 8),)),
 }

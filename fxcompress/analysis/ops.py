@@ -141,7 +141,7 @@ def conv(ctx, node: Node) -> None:
         ctx.tie(ctx.dim(x, 1), ctx.dim(node, 1))
         ctx.channel(node, 1, weight, 0, node)
         if isinstance(bias, Node):
-            ctx.channel(node, 1, bias, 0, node)
+            ctx.record(ctx.dim(node, 1), bias, 0, "producer", node, None)
         ctx.effect(ctx.dim(node, 1), "channelwise", node)
     else:
         reason = f"grouped convolution {node.name} (groups={groups}) couples channels in blocks"
@@ -173,10 +173,11 @@ def layer_norm(ctx, node: Node) -> None:
     ctx.tie_all(x, node)
     for axis in range(-len(shape), 0):
         ctx.effect(ctx.dim(node, axis), "normalizing", node)
-    if len(shape) == 1:
-        for p in (weight, bias):
-            if isinstance(p, Node):
-                ctx.channel(node, -1, p, 0, node)
+    if len(shape) == 1:  # the scale acts per channel; the shift is added like a producer's bias
+        if isinstance(weight, Node):
+            ctx.channel(node, -1, weight, 0, node)
+        if isinstance(bias, Node):
+            ctx.record(ctx.dim(node, -1), bias, 0, "producer", node, None)
     else:
         ctx.freeze_all(node, f"{node.name} normalises over {len(shape)} dims")
 

@@ -41,6 +41,12 @@ class WidthGroup:
     effects: tuple[str, ...]
     probe: str | None
     frozen_by: tuple[str, ...]
+    activations: tuple[tuple[str, int], ...] = ()  # (node, axis) of every activation in the group
+
+    @property
+    def probe_axis(self) -> int | None:
+        """The axis of the group's dim in the probe activation."""
+        return next((axis for node, axis in self.activations if node == self.probe), None)
 
     @property
     def frozen(self) -> bool:

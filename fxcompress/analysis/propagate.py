@@ -10,6 +10,7 @@ ever assumed to be elementwise.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections import defaultdict
 from typing import Any
@@ -289,8 +290,9 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     first = min(order.get(u.node, 0) for u, _ in uses)
     size = _key_size(ctx, root)
     name = _name(by_role)
+    activations = tuple(sorted((k for k in keys if not k[0].startswith("param:")), key=lambda k: (order.get(k[0], 0), k[1])))
     return first, WidthGroup(name, size, by_role["producer"], by_role["consumer"], by_role["channel"],
-                             passthrough, tuple(effects), probe, frozen)
+                             passthrough, tuple(effects), probe, frozen, activations)
 
 
 def _key_size(ctx: Context, key: DimKey) -> int:
@@ -314,5 +316,5 @@ def _unique_names(groups: list[WidthGroup]) -> list[WidthGroup]:
     for g in groups:
         count = seen.get(g.name, 0)
         seen[g.name] = count + 1
-        out.append(g if not count else WidthGroup(f"{g.name}#{count}", *list(vars(g).values())[1:]))
+        out.append(g if not count else dataclasses.replace(g, name=f"{g.name}#{count}"))
     return out

@@ -1,0 +1,94 @@
+"""Calibration: one pass over the calibration data feeds the covariance of every group.
+
+The captured graph is copied into a *probe module* whose outputs are the probe activations
+of the chosen groups (dead code past them is dropped), called exactly like the model.
+Activations with a sequence or spatial axis are fed as sequences, so the circular-shift
+null can correct for correlated samples; an ``attention_mask`` in the batch masks padding.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from fxcompress.analysis.plan import WidthGroup
+from fxcompress.errors import DataError
+from fxcompress.spectral import CovarianceAccumulator
+
+
+def as_call(batch: Any) -> tuple[tuple, dict]:
+    """A DataLoader batch as ``(args, kwargs)``: a tensor, a tuple/list of tensors, or a dict."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    raise DataError(f"a calibration batch must be a tensor, a tuple of tensors or a dict of keyword inputs, "
+                    f"got {type(batch).__name__}")
+
+
+def structure(batch: Any) -> tuple:
+    """What must stay the same from batch to batch: kind, arity or keys, and tensor ranks."""
+    args, kwargs = as_call(batch)
+    ranks = lambda vs: tuple(v.ndim if isinstance(v, torch.Tensor) else type(v).__name__ for v in vs)  # noqa: E731
+    return type(batch).__name__, ranks(args), tuple(sorted(kwargs)), ranks(kwargs[k] for k in sorted(kwargs))
+
+
+def probe_module(gm: GraphModule, probes: Sequence[str]) -> GraphModule:
+    """A copy of ``gm`` returning the values of the nodes ``probes`` (as a tuple)."""
+    pm = GraphModule(gm, copy.deepcopy(gm.graph))
+    graph = pm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tuple(nodes[p] for p in probes),)
+    codegen = graph._codegen
+    if hasattr(codegen, "pytree_info"):
+        codegen.pytree_info = codegen.pytree_info._replace(out_spec=None)
+    graph.eliminate_dead_code()
+    pm.recompile()
+    return pm.eval()
+
+
+def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any],
+              correlated_samples: bool = True) -> tuple[dict[str, CovarianceAccumulator], int]:
+    """Stream ``data`` through ``gm``; return each group's covariance accumulator and the batch count."""
+    probes = list(dict.fromkeys(g.probe for g in groups))
+    pm = probe_module(gm, probes)
+    accs: dict[str, CovarianceAccumulator] = {}
+    first, batches = None, 0
+    with torch.no_grad():
+        for batch in data:
+            shape = structure(batch)
+            if first is None:
+                first = shape
+            elif shape != first:
+                raise DataError(f"calibration batch {batches} has structure {shape}, but the first had {first}: "
+                                "every batch must have the same inputs")
+            args, kwargs = as_call(batch)
+            values = dict(zip(probes, pm(*args, **kwargs)))
+            for group in groups:
+                _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples)
+            batches += 1
+    if not batches:
+        raise DataError("calib_data is empty: pass an iterable of batches (e.g. a DataLoader over ~10 % of the training set)")
+    return accs, batches
+
+
+def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correlated: bool) -> None:
+    x = torch.movedim(value.detach(), group.probe_axis, -1)
+    sequences = correlated and x.ndim >= 3
+    if sequences:
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    acc = accs.get(group.name)
+    if acc is None:
+        acc = accs[group.name] = CovarianceAccumulator(group.size, shift_null=sequences)
+    keep = None
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
+        keep = mask.to(x.device) != 0
+    acc.update(x if acc.null is not None or x.ndim == 2 else x.reshape(-1, x.shape[-1]),
+               keep if acc.null is not None or keep is None else keep.reshape(-1))

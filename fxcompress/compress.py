@@ -1,0 +1,207 @@
+"""``fxcompress.compress``: capture → analyse → calibrate → select rank → rewrite.
+
+Example:
+    >>> result = compress(model, calib_loader, CompressConfig(rule="fixed", ratio=0.5))   # doctest: +SKIP
+    >>> print(result)                                                                       # doctest: +SKIP
+    >>> result.module(x)          # a drop-in, narrower, dense torch.fx.GraphModule        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import inspect
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch.fx import GraphModule
+
+from fxcompress.analysis import Plan, WidthGroup, analyze_graph
+from fxcompress.calibrate import as_call, calibrate
+from fxcompress.capture import capture
+from fxcompress.errors import ConfigError
+from fxcompress.rewrite import Projection, rewrite
+from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection
+
+TRANSFORMS = ("auto", "projection", "selection")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """How to compress. Defaults follow the RMT-KD paper (``mp-hist`` with q = 0.5).
+
+    Rule options (``q``, ``alpha``, ``tau``, ``ratio``, ``k``) are passed to the rule that
+    takes them. ``targets``: ``"all"`` or group names / glob patterns. ``transform``:
+    ``"projection"`` onto the top eigenvectors, ``"selection"`` of the channels that best
+    span them, or ``"auto"``: selection where only that is exact (across ReLU/BatchNorm),
+    projection elsewhere.
+    """
+
+    rule: str = "mp-hist"
+    q: float = 0.5
+    alpha: float = 0.99
+    tau: float = 0.9
+    ratio: float | None = None
+    k: int | None = None
+    min_rank: int = 1
+    round_to: int = 8
+    targets: str | tuple[str, ...] = "all"
+    transform: str = "auto"
+    correlated_samples: bool = True
+    fold_mean: bool = True
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ConfigError(f"unknown rule {self.rule!r}; choose one of {sorted(RULES)}")
+        if self.transform not in TRANSFORMS:
+            raise ConfigError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.rule == "fixed" and (self.ratio is None) == (self.k is None):
+            raise ConfigError('rule="fixed" needs exactly one of ratio= or k=')
+        if self.min_rank < 1:
+            raise ConfigError(f"min_rank must be ≥ 1 (a group cannot vanish), got {self.min_rank}")
+
+    def rule_options(self) -> dict[str, Any]:
+        accepted = list(inspect.signature(RULES[self.rule]).parameters)[1:]
+        options = {name: getattr(self, name) for name in accepted if getattr(self, name, None) is not None}
+        return {**options, "min_rank": self.min_rank, "round_to": self.round_to}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupReport:
+    """What happened to one width group."""
+
+    name: str
+    d: int
+    k: int
+    rule: str | None
+    sigma2: float | None
+    lambda_plus: float | None
+    n_signal: int | None
+    transform: str | None
+    exact: bool
+    frozen_by: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompressResult:
+    """The compressed module, the plan it was made from, and the per-group report."""
+
+    module: GraphModule
+    plan: Plan
+    report: tuple[GroupReport, ...]
+    params_before: int
+    params_after: int
+    seconds: float
+
+    @property
+    def compressed(self) -> tuple[GroupReport, ...]:
+        return tuple(r for r in self.report if r.k < r.d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params_before": self.params_before, "params_after": self.params_after, "seconds": self.seconds,
+                "groups": [dataclasses.asdict(r) for r in self.report]}
+
+    def __str__(self) -> str:
+        reduction = 1 - self.params_after / self.params_before
+        lines = [f"fxcompress: {self.params_before:,} → {self.params_after:,} parameters ({reduction:.1%} fewer), "
+                 f"{len(self.compressed)} of {len(self.report)} groups narrowed in {self.seconds:.1f} s"]
+        if not self.compressed:
+            lines.append("  nothing was compressible: every group is frozen or kept whole (see the report)")
+        for r in self.report:
+            status = f"frozen: {r.frozen_by[0]}" if r.frozen_by else f"{r.d} → {r.k} ({r.rule}, {r.transform}, " + \
+                ("exact" if r.exact else "approximate") + ")"
+            lines.append(f"  {r.name:40s} {status}")
+        return "\n".join(lines)
+
+
+def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = CompressConfig(),
+             example_inputs: Any = None) -> CompressResult:
+    """Compress ``model`` with the spectra of its activations on ``calib_data``.
+
+    ``model`` is an ``nn.Module``, a ``GraphModule`` or an ``ExportedProgram``; it is never
+    modified. ``calib_data`` yields batches as a DataLoader does (a tensor, a tuple of
+    tensors, or a dict of keyword inputs); its first batch is the example input for capture
+    unless ``example_inputs`` is given.
+    """
+    start = time.perf_counter()
+    batches = _batches(calib_data)
+    args, kwargs = as_call(example_inputs if example_inputs is not None else batches[0])
+    gm = capture(model, args, kwargs)
+    plan = analyze_graph(gm)
+    targets = _targets(plan, config)
+    accs, _ = calibrate(gm, targets, batches, config.correlated_samples) if targets else ({}, 0)
+    decisions = {g.name: _decide(g, accs[g.name], config) for g in targets}
+    projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
+    module = rewrite(gm, plan, projections)
+    report = tuple(_report(g, decisions.get(g.name), config) for g in plan.groups)
+    return CompressResult(module, plan, report, _count(gm), _count(module), time.perf_counter() - start)
+
+
+def _batches(calib_data: Iterable[Any]) -> list[Any]:
+    if isinstance(calib_data, (torch.Tensor, dict)):
+        raise ConfigError("calib_data must be an iterable of batches (e.g. a DataLoader or a list of batches), "
+                          "not a single batch: wrap it in a list")
+    batches = list(calib_data)
+    if not batches:
+        from fxcompress.errors import DataError
+
+        raise DataError("calib_data is empty: pass an iterable of batches (e.g. a DataLoader over ~10 % of the training set)")
+    return batches
+
+
+def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:
+    candidates = [g for g in plan.groups if not g.frozen and g.probe is not None]
+    if config.targets == "all":
+        return candidates
+    patterns = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
+    names = [g.name for g in plan.groups]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ConfigError(f"target {pattern!r} matches no width group; groups are: {names}")
+    return [g for g in candidates if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
+
+
+def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfig):
+    selection = acc.select_rank(config.rule, **config.rule_options())
+    k = max(min(selection.k, group.size), 1)
+    transform = _transform(group, config)
+    if k >= group.size:
+        return None, selection, transform
+    cov = acc.covariance()
+    values, vectors = np.linalg.eigh(cov)
+    top = vectors[:, ::-1][:, :k]
+    mean = torch.from_numpy(acc.mean()) if config.fold_mean else None
+    if transform == "selection":
+        weighted = top * np.sqrt(np.clip(values[::-1][:k], 0, None))
+        _, _, pivots = scipy.linalg.qr(weighted.T, pivoting=True, mode="economic")
+        proj = Projection.select(np.sort(pivots[:k]), group.size)
+        proj = dataclasses.replace(proj, mean=mean)
+    else:
+        proj = Projection(torch.from_numpy(np.ascontiguousarray(top.T)), mean)
+    return proj, selection, transform
+
+
+def _transform(group: WidthGroup, config: CompressConfig) -> str:
+    if config.transform != "auto":
+        return config.transform
+    return "selection" if group.exact == ("selection",) else "projection"
+
+
+def _report(group: WidthGroup, decision, config: CompressConfig) -> GroupReport:
+    if decision is None:
+        reason = group.frozen_by or (("not targeted",) if group.probe is not None else ("no consumer to probe",))
+        return GroupReport(group.name, group.size, group.size, None, None, None, None, None, True, reason)
+    proj, sel, transform = decision
+    k = group.size if proj is None else proj.k
+    exact = proj is None or transform in group.exact
+    return GroupReport(group.name, group.size, k, sel.rule, sel.sigma2, sel.lambda_plus, sel.n_signal,
+                       transform, exact, (), sel.diagnostics.warnings)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,243 @@
+"""Rewrite: apply a projection per width group, narrowing every op coupled to it.
+
+For a group of width ``d`` and a ``k × d`` matrix ``P`` (orthonormal rows; a selection of
+``k`` channels is ``P = I[idx]``), every parameter axis in the group is contracted with ``P``:
+
+* producers (``W ← P·W``, ``b ← P·b``) and consumers (``W ← W·Pᵀ``) alike; a consumer's
+  bias also absorbs what the projection drops of the activation mean μ,
+  ``b ← b + W(I − PᵀP)μ``, so the output stays exact for the mean;
+* per-channel scales (LayerNorm/BatchNorm γ, running variances, depthwise kernels) become
+  ``(P∘P)·v``, the diagonal of ``P·diag(v)·Pᵀ`` — exact for a selection, approximate for a
+  rotation (the plan says which);
+* graph constants that name the width (reshape sizes, ``normalized_shape``) become ``k``.
+
+The input module is never modified: the rewrite works on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcompress.analysis.ops import arg
+from fxcompress.analysis.plan import Plan, Use, WidthGroup
+from fxcompress.errors import FxCompressError
+
+aten = torch.ops.aten
+
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+
+
+class RewriteError(FxCompressError):
+    """A plan could not be applied; the message names the group and the node or parameter."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Projection:
+    """The ``k × d`` matrix applied to one group, and the activation mean to fold into biases."""
+
+    matrix: torch.Tensor
+    mean: torch.Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.matrix.shape[0])
+
+    @staticmethod
+    def select(indices, d: int) -> "Projection":
+        """Keep the channels ``indices`` of ``d``."""
+        return Projection(torch.eye(d, dtype=torch.float64)[torch.as_tensor(indices, dtype=torch.long)])
+
+
+def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection]) -> GraphModule:
+    """A copy of ``gm`` with every group in ``projections`` narrowed to its projection's ``k``."""
+    out = copy.deepcopy(gm)
+    for name, proj in projections.items():
+        group = _check(plan, name, proj)
+        if proj.k == group.size and proj.mean is None and torch.equal(proj.matrix, torch.eye(group.size, dtype=proj.matrix.dtype)):
+            continue
+        _apply(out, group, proj)
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+def _check(plan: Plan, name: str, proj: Projection) -> WidthGroup:
+    try:
+        group = plan[name]
+    except KeyError as exc:
+        raise RewriteError(str(exc.args[0])) from None
+    if group.frozen:
+        raise RewriteError(f"group {name!r} is frozen ({'; '.join(group.frozen_by)}): it cannot be narrowed")
+    if proj.matrix.ndim != 2 or proj.matrix.shape[1] != group.size:
+        raise RewriteError(f"group {name!r} has width {group.size}; its projection has shape {tuple(proj.matrix.shape)}")
+    if not 0 < proj.k <= group.size:
+        raise RewriteError(f"group {name!r}: k = {proj.k} must lie in [1, {group.size}]")
+    return group
+
+
+def _apply(gm: GraphModule, group: WidthGroup, proj: Projection) -> None:
+    p = proj.matrix.to(torch.float64)
+    producers = {(u.param, u.axis) for u in group.producers}
+    if proj.mean is not None:
+        for use in group.consumers:
+            if (use.param, use.axis) not in producers:
+                _fold_mean(gm, use, p, proj.mean.to(torch.float64))
+    done: set[tuple[str, int]] = set()
+    for use in (*group.producers, *_added_biases(gm, group), *group.consumers):
+        if (use.param, use.axis) not in done:
+            done.add((use.param, use.axis))
+            _set(gm, use.param, _along(_get(gm, use.param), p, use.axis))
+    for use in group.channels:
+        _narrow_channel(gm, use, p)
+    _rewrite_constants(gm, group, proj.k)
+
+
+def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
+    """Biases a mean fold gave to this group's producers after the plan was made."""
+    known = {u.param for u in group.producers}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    extra = []
+    for use in group.producers:
+        node = nodes.get(use.node)
+        bias = arg(node, "bias") if node is not None and node.op == "call_function" else None
+        if isinstance(bias, Node) and bias.op == "get_attr" and bias.target not in known:
+            extra.append(Use(bias.target, 0, "producer", node.name))
+            known.add(bias.target)
+    return extra
+
+
+def _along(t: torch.Tensor, p: torch.Tensor, axis: int) -> torch.Tensor:
+    """Contract axis ``axis`` of ``t`` with ``P``'s columns (float64 math, original dtype out)."""
+    moved = torch.movedim(t.detach().to(torch.float64), axis, -1) @ p.T
+    return torch.movedim(moved, -1, axis).to(t.dtype).contiguous()
+
+
+def _narrow_channel(gm: GraphModule, use: Use, p: torch.Tensor) -> None:
+    target = _resolve(gm, use.param)
+    if isinstance(target, nn.modules.batchnorm._BatchNorm):
+        _narrow_batch_norm(target, p)
+    else:
+        _set(gm, use.param, _along(target, p * p, use.axis))
+
+
+def _narrow_batch_norm(bn: nn.modules.batchnorm._BatchNorm, p: torch.Tensor) -> None:
+    for name, matrix in (("weight", p * p), ("bias", p), ("running_mean", p), ("running_var", p * p)):
+        tensor = getattr(bn, name, None)
+        if tensor is not None:
+            new = _along(tensor, matrix, 0)
+            setattr(bn, name, nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new)
+    bn.num_features = p.shape[0]
+
+
+def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor) -> None:
+    """``b ← b + W(I − PᵀP)μ`` for a linear or convolution consumer (adds a bias if it had none)."""
+    node = next(n for n in gm.graph.nodes if n.name == use.node)
+    weight = _get(gm, use.param).detach().to(torch.float64)
+    lost = mean - p.T @ (p @ mean)
+    moved = torch.movedim(weight, use.axis, -1)
+    shift = (moved @ lost).reshape(moved.shape[0], -1).sum(dim=1)  # sums kernel taps (interior pixels)
+    bias = arg(node, "bias")
+    if isinstance(bias, Node):
+        old = _get(gm, bias.target)
+        _set(gm, bias.target, (old.detach().to(torch.float64) + shift).to(old.dtype))
+    else:
+        _add_bias(gm, node, use.param, shift.to(_get(gm, use.param).dtype))
+
+
+def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor) -> None:
+    name = weight_name.rpartition(".")[0] + ".bias" if "." in weight_name else weight_name + "_bias"
+    if _exists(gm, name):
+        raise RewriteError(f"cannot add a bias to {node.name}: {name} already exists")
+    _set(gm, name, value, parameter=True)
+    with gm.graph.inserting_before(node):
+        bias_node = gm.graph.get_attr(name)
+    args = list(node.args)
+    while len(args) < 3:
+        args.append(None)
+    args[2] = bias_node
+    node.args = tuple(args)
+
+
+def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
+    axes = {}
+    for name, axis in group.activations:
+        axes.setdefault(name, []).append(axis)
+    for node in gm.graph.nodes:
+        if node.name not in axes or node.op != "call_function":
+            continue
+        if node.target in RESHAPES and isinstance(node.args[1], (list, tuple)):
+            sizes = list(node.args[1])
+            for axis in axes[node.name]:
+                if isinstance(sizes[axis], int) and sizes[axis] == group.size:
+                    sizes[axis] = k
+            node.args = (node.args[0], sizes, *node.args[2:])
+        elif node.target in CONVS and arg(node, "groups", 1) == group.size > 1 and 1 in axes[node.name]:
+            _set_arg(node, "groups", k)  # depthwise: one group per channel
+        elif node.target in (aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default):
+            shape = list(node.args[1])
+            if shape[-1] == group.size:
+                shape[-1] = k
+                node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _set_arg(node: Node, name: str, value: object) -> None:
+    """Set an ATen call's argument by schema name, filling defaults before it if needed."""
+    if name in node.kwargs:
+        node.kwargs = {**node.kwargs, name: value}
+        return
+    arguments = node.target._schema.arguments
+    index = next(i for i, a in enumerate(arguments) if a.name == name)
+    args = list(node.args)
+    while len(args) <= index:
+        args.append(arguments[len(args)].default_value)
+    args[index] = value
+    node.args = tuple(args)
+
+
+# -- parameter access ----------------------------------------------------------------------
+def _resolve(gm: GraphModule, name: str):
+    try:
+        return operator.attrgetter(name)(gm)
+    except AttributeError:
+        raise RewriteError(f"the plan names {name!r}, which this module does not have: "
+                           "apply a plan to the module it was made from") from None
+
+
+def _get(gm: GraphModule, name: str) -> torch.Tensor:
+    value = _resolve(gm, name)
+    if not isinstance(value, torch.Tensor):
+        raise RewriteError(f"{name!r} is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _exists(gm: GraphModule, name: str) -> bool:
+    try:
+        operator.attrgetter(name)(gm)
+        return True
+    except AttributeError:
+        return False
+
+
+def _set(gm: GraphModule, name: str, value: torch.Tensor, parameter: bool | None = None) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    old = getattr(owner, attr, None)
+    as_parameter = isinstance(old, nn.Parameter) if parameter is None else parameter
+    if as_parameter:
+        requires_grad = old.requires_grad if isinstance(old, nn.Parameter) else True
+        if attr in owner._parameters or old is None:
+            owner.register_parameter(attr, nn.Parameter(value, requires_grad=requires_grad))
+        else:
+            setattr(owner, attr, nn.Parameter(value, requires_grad=requires_grad))
+    elif attr in owner._buffers:
+        owner.register_buffer(attr, value)
+    else:
+        setattr(owner, attr, value)

@@ -1,0 +1,146 @@
+"""Rewrite exactness and fxcompress.compress on the oracle zoo."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress import CompressConfig, ConfigError, DataError, FxCompressError, Projection, RewriteError
+from fxcompress.analysis import analyze_graph
+from fxcompress.capture import capture
+from fxcompress.rewrite import rewrite
+from zoo import ORACLES
+
+
+def _double(inputs):
+    return tuple(t.double() if t.is_floating_point() else t for t in inputs)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max()) if a.requires_grad is False else float(((a - b).abs().max() / b.abs().max()).detach())
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+def test_exact_transforms_preserve_the_function(name):
+    """A random orthogonal k = d projection on every projection-exact group, and a random
+    permutation on every selection-exact group, compute the same function (float64)."""
+    cls, inputs = ORACLES[name]
+    torch.manual_seed(1)
+    model = cls().double().eval()
+    x = _double(inputs())
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    projections = {}
+    for group in plan.compressible:
+        if "projection" in group.exact:
+            q, _ = torch.linalg.qr(torch.randn(group.size, group.size, dtype=torch.float64))
+            projections[group.name] = Projection(q)
+        elif "selection" in group.exact:
+            projections[group.name] = Projection.select(torch.randperm(group.size), group.size)
+    out = rewrite(gm, plan, projections)
+    assert _rel(out(*x), model(*x)) <= 1e-5
+
+
+def test_projection_with_mean_folding_is_exact_on_the_signal_subspace():
+    """Activations that live in a k-dim affine subspace: projecting onto it (and folding the
+    mean into the consumer's bias) loses nothing."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Linear(16, 3)).double().eval()
+    with torch.no_grad():  # the 16-wide hidden activation spans only 4 directions around an offset
+        basis = torch.linalg.qr(torch.randn(16, 4, dtype=torch.float64))[0]
+        model[0].weight.copy_(basis @ torch.randn(4, 6, dtype=torch.float64))
+        model[0].bias.copy_(torch.randn(16, dtype=torch.float64) * 3)
+    x = torch.randn(64, 6, dtype=torch.float64)
+    result = fxcompress.compress(model, [x], CompressConfig(rule="fixed", k=4, round_to=1, transform="projection"))
+    assert [r.k for r in result.report if r.name == "0"] == [4]
+    assert _rel(result.module(x), model(x)) <= 1e-9
+
+
+def test_keep_all_returns_the_same_function():
+    cls, inputs = ORACLES["conv_bn_residual"]
+    model = cls().eval()
+    data = [inputs(4) for _ in range(2)]
+    result = fxcompress.compress(model, data, CompressConfig(rule="keep-all"))
+    assert result.params_after == result.params_before and not result.compressed
+    assert "nothing was compressible" in str(result)
+    assert torch.allclose(result.module(*data[0]), model(*data[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+# the zoo's widths are 4-64: round_to=1, or rounding up to 8 would keep the smallest whole
+@pytest.mark.parametrize("config", [CompressConfig(rule="fixed", ratio=0.5, round_to=1), CompressConfig(round_to=1)],
+                         ids=["fixed", "default"])
+def test_compress_runs_on_the_zoo(name, config):
+    cls, inputs = ORACLES[name]
+    torch.manual_seed(3)
+    model = cls().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [inputs(8) for _ in range(3)]
+    result = fxcompress.compress(model, data, config)
+    out, ref = result.module(*data[0]), model(*data[0])
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert result.params_after < result.params_before
+    assert result.compressed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
+    result.module.train()
+    result.module(*data[1]).float().sum().backward()  # trainable
+    blob = result.to_dict()
+    assert blob["params_after"] == result.params_after and len(blob["groups"]) == len(result.plan.groups)
+
+
+def test_report_has_the_spectral_figures():
+    cls, inputs = ORACLES["residual_mlp"]
+    result = fxcompress.compress(cls().eval(), [inputs() for _ in range(4)], CompressConfig(rule="mp-robust"))
+    narrowed = {r.name: r for r in result.report if r.rule is not None}
+    assert set(narrowed) == {"fc_in", "blocks.0.fc1", "blocks.1.fc1"}
+    for r in narrowed.values():
+        assert r.sigma2 > 0 and r.lambda_plus > r.sigma2 and 1 <= r.k <= r.d
+    assert narrowed["blocks.0.fc1"].transform == "selection" and narrowed["fc_in"].transform == "projection"
+
+
+def test_targets_choose_groups():
+    cls, inputs = ORACLES["residual_mlp"]
+    data = [inputs() for _ in range(2)]
+    result = fxcompress.compress(cls().eval(), data, CompressConfig(rule="fixed", ratio=0.5, targets=("blocks.*",)))
+    assert {r.name for r in result.compressed} == {"blocks.0.fc1", "blocks.1.fc1"}
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, d: fxcompress.compress("model", d), FxCompressError, "expected an nn.Module"),
+        (lambda m, d: fxcompress.compress(m, []), DataError, "calib_data is empty"),
+        (lambda m, d: fxcompress.compress(m, d[0][0]), ConfigError, "not a single batch"),
+        (lambda m, d: fxcompress.compress(m, [d[0], {"x": d[1][0]}]), DataError, "same inputs"),
+        (lambda m, d: fxcompress.compress(m, d, CompressConfig(targets=("nope",))), ConfigError, "matches no width group"),
+        (lambda m, d: fxcompress.compress(m, d, CompressConfig(rule="fixed", k=1000)), ConfigError, "k must be"),
+        (lambda m, d: CompressConfig(rule="median"), ConfigError, "unknown rule"),
+        (lambda m, d: CompressConfig(rule="fixed"), ConfigError, "exactly one"),
+        (lambda m, d: CompressConfig(transform="prune"), ConfigError, "transform"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_model_is_untouched(call, error, match):
+    cls, inputs = ORACLES["residual_mlp"]
+    model = cls().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        call(model, [inputs(), inputs()])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_float_inputs_to_a_token_model_fail_clearly():
+    cls, _ = ORACLES["post_ln_transformer"]
+    with pytest.raises(FxCompressError, match="could not capture"):
+        fxcompress.compress(cls().eval(), [torch.randn(2, 6)])
+
+
+def test_rewrite_refuses_frozen_groups_and_bad_widths():
+    cls, inputs = ORACLES["residual_mlp"]
+    gm = capture(cls().eval(), inputs())
+    plan = analyze_graph(gm)
+    with pytest.raises(RewriteError, match="frozen"):
+        rewrite(gm, plan, {"head": Projection(torch.eye(4)[:2])})
+    with pytest.raises(RewriteError, match="has width 64"):
+        rewrite(gm, plan, {"blocks.0.fc1": Projection(torch.eye(32))})
+    with pytest.raises(RewriteError, match="no width group"):
+        rewrite(gm, plan, {"nope": Projection(torch.eye(4))})
