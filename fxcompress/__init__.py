@@ -13,6 +13,7 @@ The pipeline, one module per stage:
 Every error raised on purpose derives from :class:`FxCompressError`.
 """
 
+from fxcompress import calibrate
 from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
 from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress

@@ -65,6 +65,8 @@ def _export(model: Any, args: tuple, kwargs: dict) -> torch.export.ExportedProgr
     if not args and not kwargs:
         raise CaptureError("capturing a module needs example inputs: pass one batch as the model is called")
     work = copy.deepcopy(model).eval()
+    if getattr(getattr(work, "config", None), "use_cache", False):
+        work.config.use_cache = False  # a KV cache object is not a tensor output; compression needs none
     try:
         return torch.export.export(work, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False)
     except Exception as exc:  # torch raises many types; all mean "could not capture"

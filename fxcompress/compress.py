@@ -25,7 +25,8 @@ from fxcompress.calibrate import as_call, calibrate
 from fxcompress.capture import capture
 from fxcompress.errors import ConfigError
 from fxcompress.rewrite import Projection, rewrite
-from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection
+from fxcompress.spectral import RULES, CovarianceAccumulator, select_rank
+from fxcompress.spectral.rules import MP_RULES
 
 TRANSFORMS = ("auto", "projection", "selection")
 
@@ -167,13 +168,16 @@ def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:
 
 
 def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfig):
-    selection = acc.select_rank(config.rule, **config.rule_options())
+    """One eigendecomposition per group: its eigenvalues pick k, its eigenvectors build P."""
+    values, vectors = np.linalg.eigh(acc.covariance())
+    options = config.rule_options()
+    if acc.null is not None and config.rule in MP_RULES:  # only the MP rules use the null
+        options["null_eigenvalues"] = np.linalg.eigvalsh(acc.null.correlation())[::-1]
+    selection = select_rank(values[::-1], acc.dof(), config.rule, **options)
     k = max(min(selection.k, group.size), 1)
     transform = _transform(group, config)
     if k >= group.size:
         return None, selection, transform
-    cov = acc.covariance()
-    values, vectors = np.linalg.eigh(cov)
     top = vectors[:, ::-1][:, :k]
     mean = torch.from_numpy(acc.mean()) if config.fold_mean else None
     if transform == "selection":

@@ -125,6 +125,18 @@ def linear(ctx, node: Node) -> None:
     ctx.produce(node, -1, weight, 0, bias)
 
 
+@op_rule(*_overloads("addmm"))
+def addmm(ctx, node: Node) -> None:
+    """``bias + x @ W`` with a weight stored (in, out), as GPT-2's Conv1D."""
+    bias, x, weight = node.args[:3]
+    if not (isinstance(weight, Node) and weight.op == "get_attr"):
+        ctx.freeze_all(node, f"{node.name}: addmm of two activations")
+        return
+    ctx.tie(ctx.dim(x, 0), ctx.dim(node, 0))
+    ctx.consume(x, -1, weight, 0, node)
+    ctx.produce(node, -1, weight, 1, bias if isinstance(bias, Node) and bias.op == "get_attr" else None)
+
+
 @op_rule(*_overloads("conv1d", "conv2d", "conv3d", "convolution"))
 def conv(ctx, node: Node) -> None:
     x, weight, bias = node.args[0], node.args[1], arg(node, "bias")

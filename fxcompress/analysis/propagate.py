@@ -160,6 +160,11 @@ class Context:
     def match_reshape(self, x: Node, node: Node) -> None:
         """Tie input and output axes that a view maps one to one; freeze those it merges or splits."""
         a_shape, b_shape = self.shape(x), self.shape(node)
+        tail = 0  # axes equal from the right map one to one (the feature axis of a (B·S, d) view)
+        while tail < min(len(a_shape), len(b_shape)) and a_shape[-1 - tail] == b_shape[-1 - tail] != 1:
+            self.tie(self.dim(x, len(a_shape) - 1 - tail), self.dim(node, len(b_shape) - 1 - tail))
+            tail += 1
+        a_shape, b_shape = a_shape[: len(a_shape) - tail], b_shape[: len(b_shape) - tail]
         i = j = 0
         while i < len(a_shape) or j < len(b_shape):
             if i < len(a_shape) and a_shape[i] == 1:
