@@ -100,6 +100,11 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection) -> None:
     _rewrite_constants(gm, group, proj.k)
 
 
+def _bias_of(node: Node) -> object:
+    """The bias input of a linear, convolution or addmm call (addmm takes it first)."""
+    return node.args[0] if node.target == aten.addmm.default else arg(node, "bias")
+
+
 def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
     """Biases a mean fold gave to this group's producers after the plan was made."""
     known = {u.param for u in group.producers}
@@ -107,7 +112,7 @@ def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
     extra = []
     for use in group.producers:
         node = nodes.get(use.node)
-        bias = arg(node, "bias") if node is not None and node.op == "call_function" else None
+        bias = _bias_of(node) if node is not None and node.op == "call_function" else None
         if isinstance(bias, Node) and bias.op == "get_attr" and bias.target not in known:
             extra.append(Use(bias.target, 0, "producer", node.name))
             known.add(bias.target)
@@ -144,7 +149,7 @@ def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor) -
     lost = mean - p.T @ (p @ mean)
     moved = torch.movedim(weight, use.axis, -1)
     shift = (moved @ lost).reshape(moved.shape[0], -1).sum(dim=1)  # sums kernel taps (interior pixels)
-    bias = arg(node, "bias")
+    bias = _bias_of(node)
     if isinstance(bias, Node):
         old = _get(gm, bias.target)
         _set(gm, bias.target, (old.detach().to(torch.float64) + shift).to(old.dtype))

@@ -144,3 +144,24 @@ def test_rewrite_refuses_frozen_groups_and_bad_widths():
         rewrite(gm, plan, {"blocks.0.fc1": Projection(torch.eye(32))})
     with pytest.raises(RewriteError, match="no width group"):
         rewrite(gm, plan, {"nope": Projection(torch.eye(4))})
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_transformers_models_compress(family):
+    import transformers as tf
+
+    torch.manual_seed(4)
+    if family == "bert":
+        model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
+                                                               num_attention_heads=4, intermediate_size=128,
+                                                               max_position_embeddings=32))
+    else:  # Conv1D layers (addmm), a tied LM head, a KV cache capture must switch off
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=32))
+    model.eval()
+    batches = [{"input_ids": torch.randint(0, 200, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+               for _ in range(2)]
+    result = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5))
+    out = result.module(**batches[0]).logits
+    assert out.shape == model(**batches[0]).logits.shape and torch.isfinite(out).all()
+    assert result.params_after < 0.7 * result.params_before
+    assert model.config.use_cache is True  # capture switched caching off on its own copy only
