@@ -57,7 +57,7 @@ def main() -> None:
     for name, seconds in stages.items():
         print(f"  {name:32s} {seconds:7.2f} s")
     print(f"  {'total':32s} {total:7.2f} s   (goal ≤ 5 s)")
-    mib = sum(a._xtx.nbytes * (2 if a.null is not None else 1) for a in accs.values()) / 2**20
+    mib = sum(a.state_bytes() for a in accs.values()) / 2**20
     print(f"  covariance state: {len(accs)} groups, {mib:.0f} MiB (O(d²) per group, flat in the sample count)")
     print(f"  parameters after: {sum(p.numel() for p in module.parameters()):,}")
 

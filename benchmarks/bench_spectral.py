@@ -54,7 +54,7 @@ def spread(values: list[float]) -> str:
 def bench(d: int, n: int, batch: int, repeats: int, rules: list[str]) -> None:
     acc, acc_time = accumulate(d, n, batch)
     print(f"\nd = {d}, n = {n:,} (batches of {batch})")
-    print(f"  accumulate: {acc_time:.2f} s = {n / acc_time:,.0f} samples/s; state {acc._xtx.nbytes / 2**20:.1f} MiB")
+    print(f"  accumulate: {acc_time:.2f} s = {n / acc_time:,.0f} samples/s; state {acc.state_bytes() / 2**20:.1f} MiB")
     cov = acc.covariance()
     for rule in rules:
         bare, whole, ratios, selection = [], [], [], None

@@ -169,19 +169,20 @@ def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:
 
 def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfig):
     """One eigendecomposition per group: its eigenvalues pick k, its eigenvectors build P."""
-    values, vectors = np.linalg.eigh(acc.covariance())
+    values, vectors = acc.eigh()
     options = config.rule_options()
     if acc.null is not None and config.rule in MP_RULES:  # only the MP rules use the null
-        options["null_eigenvalues"] = np.linalg.eigvalsh(acc.null.correlation())[::-1]
-    selection = select_rank(values[::-1], acc.dof(), config.rule, **options)
+        options["null_eigenvalues"] = acc.null.correlation_eigenvalues()
+    selection = select_rank(values, acc.dof(), config.rule, **options)
     k = max(min(selection.k, group.size), 1)
     transform = _transform(group, config)
     if k >= group.size:
         return None, selection, transform
-    top = vectors[:, ::-1][:, :k]
+    k = min(k, vectors.shape[1])  # with n < d only n - 1 directions carry any variance
+    top = vectors[:, :k]
     mean = torch.from_numpy(acc.mean()) if config.fold_mean else None
     if transform == "selection":
-        weighted = top * np.sqrt(np.clip(values[::-1][:k], 0, None))
+        weighted = top * np.sqrt(np.clip(values[:k], 0, None))
         _, _, pivots = scipy.linalg.qr(weighted.T, pivoting=True, mode="economic")
         proj = Projection.select(np.sort(pivots[:k]), group.size)
         proj = dataclasses.replace(proj, mean=mean)

@@ -128,3 +128,45 @@ def test_shift_null_permutes_each_feature_and_keeps_the_count():
     masked = CovarianceAccumulator(5, shift_null=True, seed=1)
     masked.update(x, mask)
     assert masked.null.count == masked.count == mask.sum()
+
+
+def test_rows_mode_while_fewer_samples_than_features_equals_the_sums():
+    """With n ≤ d the accumulator keeps the rows and decomposes the n × n Gram matrix; every
+    result equals the d × d path, and it switches to sums as soon as n > d."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 500)) + 3.0
+    x[:, :5] *= 5.0
+    rows = CovarianceAccumulator(500)
+    for chunk in np.array_split(x, 6):
+        rows.update(chunk)
+    sums = CovarianceAccumulator(500)
+    sums.update(x)
+    sums._flush()
+    assert rows._rows is not None and sums._rows is None
+    v_rows, vec_rows = rows.eigh()
+    v_sums, vec_sums = sums.eigh()
+    assert np.max(np.abs(v_rows - v_sums)) < 1e-12 * v_sums[0] and v_rows.shape == (500,)
+    assert vec_rows.shape == (500, 299)  # centred: n - 1 directions carry variance
+    assert np.allclose(np.abs(np.sum(vec_rows[:, :5] * vec_sums[:, :5], axis=0)), 1.0, atol=1e-10)
+    assert _rel(rows.covariance(), np.cov(x, rowvar=False)) < 1e-12
+    assert np.allclose(rows.correlation_eigenvalues(), np.linalg.eigvalsh(np.corrcoef(x, rowvar=False))[::-1], atol=1e-10)
+    assert rows.select_rank(round_to=1).k == sums.select_rank(round_to=1).k == 5
+    assert rows.state_bytes() < sums.state_bytes()
+    rows.update(rng.standard_normal((300, 500)))  # now n > d
+    assert rows._rows is None and rows.count == 600
+
+
+def test_merge_across_rows_and_sums_modes():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((900, 400)) + 1.0
+    whole = CovarianceAccumulator(400)
+    whole.update(x)
+    small, small2, big = CovarianceAccumulator(400), CovarianceAccumulator(400), CovarianceAccumulator(400)
+    small.update(x[:100])
+    small2.update(x[100:250] * 1.0)
+    big.update(x[250:])
+    small.merge(small2)
+    assert small._rows is not None  # 250 ≤ 400 rows: still rows
+    small.merge(big)
+    assert small._rows is None and small.count == 900
+    assert _rel(small.covariance(), whole.covariance()) < 1e-12

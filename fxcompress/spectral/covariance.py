@@ -65,7 +65,8 @@ class CovarianceAccumulator:
             raise DataError(f"a spectrum needs at least 2 features, got dim={dim!r}")
         self.dim = int(dim)
         self.count = 0
-        self._xtx = np.zeros((self.dim, self.dim))
+        self._xtx: np.ndarray | None = None  # Σ (x-s)(x-s)ᵀ, once there are more samples than features
+        self._rows: list[np.ndarray] | None = []  # the rows x - s themselves, while count ≤ dim
         self._sum = np.zeros(self.dim)
         self.shift = None if shift is None else self._check_shift(shift)
         self.null = CovarianceAccumulator(self.dim, shift=self.shift) if shift_null else None
@@ -86,9 +87,15 @@ class CovarianceAccumulator:
         if not isinstance(other, CovarianceAccumulator) or other.dim != self.dim:
             raise DataError(f"can only merge a CovarianceAccumulator of dim {self.dim}, got {other!r}")
         if other.count:
-            xtx, total = other._sums_about(self._ensure_shift(other.shift))
-            self._xtx += xtx
-            self._sum += total
+            shift = self._ensure_shift(other.shift)
+            if self._rows is not None and other._rows is not None and self.count + other.count <= self.dim:
+                self._rows.extend(r + (other.shift - shift) for r in other._rows)
+                self._sum += other._sum + other.count * (other.shift - shift)
+            else:
+                xtx, total = other._sums_about(shift)
+                self._flush()
+                self._xtx += xtx
+                self._sum += total
             self.count += other.count
         if self.null is not None and other.null is not None:
             self.null.merge(other.null)
@@ -109,7 +116,7 @@ class CovarianceAccumulator:
         self._require_samples(2)
         if centered:
             cov = np.outer(self._sum, self._sum / -self.count)
-            cov += self._xtx
+            cov += self._gram()
         else:
             cov, _ = self._sums_about(np.zeros(self.dim))
         cov /= self.dof(centered)
@@ -124,14 +131,54 @@ class CovarianceAccumulator:
 
     def eigenvalues(self, centered: bool = True) -> np.ndarray:
         """Eigenvalues of :meth:`covariance`, in descending order."""
-        return np.linalg.eigvalsh(self.covariance(centered))[::-1]
+        return self.eigh(centered, vectors=False)[0]
+
+    def eigh(self, centered: bool = True, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Eigenvalues (descending, ``dim`` of them) and eigenvectors (columns) of :meth:`covariance`.
+
+        While there are no more samples than features, the spectrum comes from the ``n × n``
+        Gram matrix of the kept rows, ``(d/n)³`` times cheaper than the ``d × d`` problem;
+        only the eigenvectors of non-zero eigenvalues are returned then.
+        """
+        if self._rows is None:
+            if not vectors:
+                return np.linalg.eigvalsh(self.covariance(centered))[::-1], None
+            values, vecs = np.linalg.eigh(self.covariance(centered))
+            return values[::-1], vecs[:, ::-1]
+        self._require_samples(2)
+        data = self._data(centered)
+        gram = data @ data.T / self.dof(centered)
+        if not vectors:
+            values = np.linalg.eigvalsh(gram)[::-1]
+            return np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)]), None
+        values, u = np.linalg.eigh(gram)
+        values, u = values[::-1], u[:, ::-1]
+        keep = values > 16 * max(self.dim, self.count) * np.finfo(float).eps * max(values[0], 0.0)
+        vecs = data.T @ u[:, keep] / np.sqrt(values[keep] * self.dof(centered))
+        padded = np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)])
+        return padded, vecs
+
+    def correlation_eigenvalues(self, centered: bool = True) -> np.ndarray:
+        """Eigenvalues (descending) of :meth:`correlation`."""
+        if self._rows is None:
+            return np.linalg.eigvalsh(self.correlation(centered))[::-1]
+        data = self._data(centered)
+        std = np.sqrt((data * data).sum(axis=0) / self.dof(centered))
+        data = data * np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+        values = np.linalg.eigvalsh(data @ data.T / self.dof(centered))[::-1]
+        return np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)])
+
+    def state_bytes(self) -> int:
+        """Memory held: at most one ``dim × dim`` float64 matrix (rows or sums), plus the null's."""
+        own = self._xtx.nbytes if self._xtx is not None else sum(r.nbytes for r in self._rows)
+        return own + self._sum.nbytes + (self.null.state_bytes() if self.null is not None else 0)
 
     def select_rank(self, rule: str = "mp-robust", *, centered: bool = True, **options: Any):
         """:func:`fxcompress.spectral.select_rank` on this covariance (and its null, if kept)."""
         from fxcompress.spectral.selection import select_rank
 
         if self.null is not None:
-            null = np.linalg.eigvalsh(self.null.correlation(centered))[::-1]
+            null = self.null.correlation_eigenvalues(centered)
             options.setdefault("null_eigenvalues", null)
         return select_rank(self.eigenvalues(centered), self.dof(centered), rule, **options)
 
@@ -144,9 +191,32 @@ class CovarianceAccumulator:
             return
         shift = self._ensure_shift(rows.mean(dim=0, dtype=torch.float64).cpu().numpy())
         centred = rows.to(torch.float64) - torch.as_tensor(shift, device=rows.device)
-        self._xtx += _gram(centred)
+        if self._rows is not None and self.count + rows.shape[0] <= self.dim:
+            self._rows.append(centred.cpu().numpy())
+        else:
+            self._flush()
+            self._xtx += _gram(centred)
         self._sum += centred.sum(dim=0).cpu().numpy()
         self.count += rows.shape[0]
+
+    def _flush(self) -> None:
+        """Leave rows mode: from now on only the d × d sums are kept."""
+        if self._xtx is None:
+            self._xtx = self._gram()
+            self._rows = None
+
+    def _gram(self) -> np.ndarray:
+        if self._xtx is not None:
+            return self._xtx
+        if not self._rows:
+            return np.zeros((self.dim, self.dim))
+        data = np.concatenate(self._rows)
+        return data.T @ data
+
+    def _data(self, centered: bool) -> np.ndarray:
+        """The kept rows, centred on the mean (or on zero)."""
+        data = np.concatenate(self._rows)
+        return data - self._sum / self.count if centered else data + self.shift
 
     def _ensure_shift(self, candidate: np.ndarray | None) -> np.ndarray:
         if self.shift is None:
@@ -156,7 +226,7 @@ class CovarianceAccumulator:
     def _sums_about(self, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sums of (x - point)(x - point)ᵀ and (x - point), re-based from this shift."""
         delta = self.shift - point
-        xtx = self._xtx + np.outer(delta, self._sum) + np.outer(self._sum, delta) + self.count * np.outer(delta, delta)
+        xtx = self._gram() + np.outer(delta, self._sum) + np.outer(self._sum, delta) + self.count * np.outer(delta, delta)
         return xtx, self._sum + self.count * delta
 
     def _require_samples(self, least: int) -> None:
