@@ -178,8 +178,7 @@ def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfi
     transform = _transform(group, config)
     if k >= group.size:
         return None, selection, transform
-    k = min(k, vectors.shape[1])  # with n < d only n - 1 directions carry any variance
-    top = vectors[:, :k]
+    top = _complete(vectors, k)
     mean = torch.from_numpy(acc.mean()) if config.fold_mean else None
     if transform == "selection":
         weighted = top * np.sqrt(np.clip(values[:k], 0, None))
@@ -189,6 +188,21 @@ def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfi
     else:
         proj = Projection(torch.from_numpy(np.ascontiguousarray(top.T)), mean)
     return proj, selection, transform
+
+
+def _complete(vectors: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` columns of an orthonormal basis that starts with ``vectors``.
+
+    With fewer samples than features only ``n - 1`` directions carry variance; a rule that
+    asks for more (``fixed``) gets the rest from their orthogonal complement.
+    """
+    if k <= vectors.shape[1]:
+        return vectors[:, :k]
+    extra = np.random.default_rng(0).standard_normal((vectors.shape[0], k - vectors.shape[1]))
+    basis, _ = np.linalg.qr(np.hstack([vectors, extra]))  # reduced QR: d × k
+    signs = np.sign(np.sum(basis[:, : vectors.shape[1]] * vectors, axis=0))  # QR may flip given columns
+    basis[:, : vectors.shape[1]] *= np.where(signs == 0, 1.0, signs)
+    return basis[:, :k]
 
 
 def _transform(group: WidthGroup, config: CompressConfig) -> str:

@@ -165,3 +165,14 @@ def test_transformers_models_compress(family):
     assert out.shape == model(**batches[0]).logits.shape and torch.isfinite(out).all()
     assert result.params_after < 0.7 * result.params_before
     assert model.config.use_cache is True  # capture switched caching off on its own copy only
+
+
+def test_fixed_ratio_is_honoured_with_fewer_samples_than_features():
+    """n < d: only n - 1 directions carry variance; a fixed width still gets its k."""
+    cls, inputs = ORACLES["residual_mlp"]
+    result = fxcompress.compress(cls().eval(), [inputs(4)], CompressConfig(rule="fixed", ratio=0.5, round_to=1,
+                                                                          transform="projection"))
+    widths = {r.name: r.k for r in result.report if r.rule is not None}
+    assert widths == {"fc_in": 16, "blocks.0.fc1": 32, "blocks.1.fc1": 32}
+    x = inputs(5)[0]
+    assert result.module(x).shape == (5, 4)
