@@ -45,7 +45,7 @@ def main() -> None:
     plan = analyze_graph(gm)
     lap("analysis")
     targets = _targets(plan, config)
-    accs, _ = calibrate(gm, targets, batches, config.correlated_samples)
+    accs = calibrate(gm, targets, batches, config.correlated_samples)
     lap("calibration (2 batches)")
     decisions = {g.name: _decide(g, accs[g.name], config) for g in targets}
     lap("rank selection + eigenvectors")

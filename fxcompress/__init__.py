@@ -17,14 +17,13 @@ from fxcompress import calibrate
 from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
 from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress
-from fxcompress.errors import AnalysisError, CaptureError, ConfigError, DataError, DatasetError, FxCompressError
+from fxcompress.errors import CaptureError, ConfigError, DataError, DatasetError, FxCompressError
 from fxcompress.rewrite import Projection, RewriteError, rewrite
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AnalysisError",
     "CaptureError",
     "CompressConfig",
     "CompressResult",

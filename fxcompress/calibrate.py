@@ -20,6 +20,9 @@ from fxcompress.errors import DataError
 from fxcompress.spectral import CovarianceAccumulator
 
 
+EMPTY = "calib_data is empty: pass an iterable of batches (e.g. a DataLoader over ~10 % of the training set)"
+
+
 def as_call(batch: Any) -> tuple[tuple, dict]:
     """A DataLoader batch as ``(args, kwargs)``: a tensor, a tuple/list of tensors, or a dict."""
     if isinstance(batch, torch.Tensor):
@@ -55,8 +58,8 @@ def probe_module(gm: GraphModule, probes: Sequence[str]) -> GraphModule:
 
 
 def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any],
-              correlated_samples: bool = True) -> tuple[dict[str, CovarianceAccumulator], int]:
-    """Stream ``data`` through ``gm``; return each group's covariance accumulator and the batch count."""
+              correlated_samples: bool = True) -> dict[str, CovarianceAccumulator]:
+    """Stream ``data`` through ``gm``; return each group's covariance accumulator."""
     probes = list(dict.fromkeys(g.probe for g in groups))
     pm = probe_module(gm, probes)
     accs: dict[str, CovarianceAccumulator] = {}
@@ -75,8 +78,8 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
                 _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples)
             batches += 1
     if not batches:
-        raise DataError("calib_data is empty: pass an iterable of batches (e.g. a DataLoader over ~10 % of the training set)")
-    return accs, batches
+        raise DataError(EMPTY)
+    return accs
 
 
 def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correlated: bool) -> None:
@@ -90,5 +93,4 @@ def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correla
     keep = None
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
         keep = mask.to(x.device) != 0
-    acc.update(x if acc.null is not None or x.ndim == 2 else x.reshape(-1, x.shape[-1]),
-               keep if acc.null is not None or keep is None else keep.reshape(-1))
+    acc.update(x, keep)  # without the null, (..., d) batches are flattened to samples by update()

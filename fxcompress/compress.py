@@ -21,9 +21,9 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
-from fxcompress.calibrate import as_call, calibrate
+from fxcompress.calibrate import EMPTY, as_call, calibrate
 from fxcompress.capture import capture
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, select_rank
 from fxcompress.spectral.rules import MP_RULES
@@ -135,11 +135,11 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     gm = capture(model, args, kwargs)
     plan = analyze_graph(gm)
     targets = _targets(plan, config)
-    accs, _ = calibrate(gm, targets, batches, config.correlated_samples) if targets else ({}, 0)
+    accs = calibrate(gm, targets, batches, config.correlated_samples) if targets else {}
     decisions = {g.name: _decide(g, accs[g.name], config) for g in targets}
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     module = rewrite(gm, plan, projections)
-    report = tuple(_report(g, decisions.get(g.name), config) for g in plan.groups)
+    report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
     return CompressResult(module, plan, report, _count(gm), _count(module), time.perf_counter() - start)
 
 
@@ -149,9 +149,7 @@ def _batches(calib_data: Iterable[Any]) -> list[Any]:
                           "not a single batch: wrap it in a list")
     batches = list(calib_data)
     if not batches:
-        from fxcompress.errors import DataError
-
-        raise DataError("calib_data is empty: pass an iterable of batches (e.g. a DataLoader over ~10 % of the training set)")
+        raise DataError(EMPTY)
     return batches
 
 
@@ -211,7 +209,7 @@ def _transform(group: WidthGroup, config: CompressConfig) -> str:
     return "selection" if group.exact == ("selection",) else "projection"
 
 
-def _report(group: WidthGroup, decision, config: CompressConfig) -> GroupReport:
+def _report(group: WidthGroup, decision) -> GroupReport:
     if decision is None:
         reason = group.frozen_by or (("not targeted",) if group.probe is not None else ("no consumer to probe",))
         return GroupReport(group.name, group.size, group.size, None, None, None, None, None, True, reason)

@@ -27,7 +27,3 @@ class DatasetError(FxCompressError, FileNotFoundError):
 
 class CaptureError(FxCompressError):
     """A model could not be captured as a graph; the message names the construct and a fix."""
-
-
-class AnalysisError(FxCompressError):
-    """Width analysis failed on a node; the message names the node."""

@@ -78,22 +78,17 @@ CHANNELWISE_UNARY = _overloads(
     "clamp_min", "clamp_max", "relu6", "add.Scalar", "sub.Scalar", "reciprocal", "sin", "cos")
 
 
-@op_rule(*IDENTITY_LIKE, *LINEAR_UNARY)
-def linear_unary(ctx, node: Node) -> None:
-    ctx.tie_all(node.args[0], node)
-    ctx.effect_all(node, "linear")
+def elementwise(effect: str) -> Rule:
+    """The rule of a one-input op that keeps every dim of its input, with ``effect`` on them."""
+    def rule(ctx, node: Node) -> None:
+        ctx.tie_all(node.args[0], node)
+        ctx.effect_all(node, effect)
+    return rule
 
 
-@op_rule(*CHANNELWISE_UNARY)
-def channelwise_unary(ctx, node: Node) -> None:
-    ctx.tie_all(node.args[0], node)
-    ctx.effect_all(node, "channelwise")
-
-
-@module_rule(nn.Dropout, nn.Identity)
-def dropout_module(ctx, node: Node) -> None:
-    ctx.tie_all(node.args[0], node)
-    ctx.effect_all(node, "linear")
+op_rule(*IDENTITY_LIKE, *LINEAR_UNARY)(elementwise("linear"))
+op_rule(*CHANNELWISE_UNARY)(elementwise("channelwise"))
+module_rule(nn.Dropout, nn.Identity)(elementwise("linear"))
 
 
 @op_rule(*_overloads("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor"))

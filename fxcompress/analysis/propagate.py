@@ -30,6 +30,7 @@ class Context:
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
+        self.nodes = {node.name: node for node in gm.graph.nodes}
         self.parent: dict[DimKey, DimKey] = {}
         self.effects: dict[DimKey, list[tuple[str, str]]] = defaultdict(list)
         self.frozen: dict[DimKey, list[str]] = defaultdict(list)
@@ -304,8 +305,7 @@ def _key_size(ctx: Context, key: DimKey) -> int:
     name, axis = key
     if name.startswith("param:"):
         return int(operator.attrgetter(name[len("param:"):])(ctx.gm).shape[axis])
-    node = next(n for n in ctx.gm.graph.nodes if n.name == name)
-    size = ctx.size(node, axis)
+    size = ctx.size(ctx.nodes[name], axis)
     return size if isinstance(size, int) else -1
 
 

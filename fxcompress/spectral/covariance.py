@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fxcompress.errors import DataError
+from fxcompress.spectral.rules import Spectrum
 
 ArrayLike = Any  # numpy.ndarray | torch.Tensor
 
@@ -125,8 +126,7 @@ class CovarianceAccumulator:
     def correlation(self, centered: bool = True) -> np.ndarray:
         """:meth:`covariance` scaled to unit variances (zero-variance features stay zero)."""
         cov = self.covariance(centered)
-        std = np.sqrt(np.diag(cov))
-        inv = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
+        inv = _inverse(np.sqrt(np.diag(cov)))
         return cov * inv[:, None] * inv[None, :]
 
     def eigenvalues(self, centered: bool = True) -> np.ndarray:
@@ -149,24 +149,20 @@ class CovarianceAccumulator:
         data = self._data(centered)
         gram = data @ data.T / self.dof(centered)
         if not vectors:
-            values = np.linalg.eigvalsh(gram)[::-1]
-            return np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)]), None
+            return self._padded(np.linalg.eigvalsh(gram)[::-1]), None
         values, u = np.linalg.eigh(gram)
         values, u = values[::-1], u[:, ::-1]
-        keep = values > 16 * max(self.dim, self.count) * np.finfo(float).eps * max(values[0], 0.0)
+        keep = values > Spectrum.nonzero_floor(max(values[0], 0.0), self.dim, self.count)
         vecs = data.T @ u[:, keep] / np.sqrt(values[keep] * self.dof(centered))
-        padded = np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)])
-        return padded, vecs
+        return self._padded(values), vecs
 
     def correlation_eigenvalues(self, centered: bool = True) -> np.ndarray:
         """Eigenvalues (descending) of :meth:`correlation`."""
         if self._rows is None:
             return np.linalg.eigvalsh(self.correlation(centered))[::-1]
         data = self._data(centered)
-        std = np.sqrt((data * data).sum(axis=0) / self.dof(centered))
-        data = data * np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
-        values = np.linalg.eigvalsh(data @ data.T / self.dof(centered))[::-1]
-        return np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)])
+        data = data * _inverse(np.sqrt((data * data).sum(axis=0) / self.dof(centered)))
+        return self._padded(np.linalg.eigvalsh(data @ data.T / self.dof(centered))[::-1])
 
     def state_bytes(self) -> int:
         """Memory held: at most one ``dim × dim`` float64 matrix (rows or sums), plus the null's."""
@@ -178,8 +174,7 @@ class CovarianceAccumulator:
         from fxcompress.spectral.selection import select_rank
 
         if self.null is not None:
-            null = self.null.correlation_eigenvalues(centered)
-            options.setdefault("null_eigenvalues", null)
+            options.setdefault("null_eigenvalues", self.null.correlation_eigenvalues(centered))
         return select_rank(self.eigenvalues(centered), self.dof(centered), rule, **options)
 
     def __repr__(self) -> str:
@@ -212,6 +207,10 @@ class CovarianceAccumulator:
             return np.zeros((self.dim, self.dim))
         data = np.concatenate(self._rows)
         return data.T @ data
+
+    def _padded(self, values: np.ndarray) -> np.ndarray:
+        """Gram-matrix eigenvalues (descending) as the ``dim`` eigenvalues of the covariance."""
+        return np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)])
 
     def _data(self, centered: bool) -> np.ndarray:
         """The kept rows, centred on the mean (or on zero)."""
@@ -281,6 +280,11 @@ def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise DataError(f"{what} must hold real numbers, got dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _inverse(std: np.ndarray) -> np.ndarray:
+    """``1/std``, and 0 for zero-variance features."""
+    return np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
 
 
 def _gram(rows: torch.Tensor) -> np.ndarray:

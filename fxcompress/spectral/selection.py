@@ -144,12 +144,11 @@ def select_rank(
         effective = effective_samples(null)
         spectrum = dataclasses.replace(spectrum, n_samples=effective)
     outcome = fn(spectrum, **_check_options(rule, fn, options))
-    n_signal, threshold = outcome.n_signal, outcome.threshold
-    k = _width(n_signal, min_rank, round_to, spectrum.dim)
+    k = _width(outcome.n_signal, min_rank, round_to, spectrum.dim)
     lambda_plus = None if outcome.sigma2 is None else mp.bulk_edges(spectrum.gamma, outcome.sigma2)[1]
-    diagnostics = _diagnose(spectrum, rule, outcome.sigma2, n_signal, effective, outcome.extra)
+    diagnostics = _diagnose(spectrum, rule, outcome.sigma2, outcome.n_signal, effective, outcome.extra)
     effective_options = {**_defaults(fn), **options, "min_rank": min_rank, "round_to": round_to}
-    return RankSelection(k, n_signal, rule, effective_options, outcome.sigma2, lambda_plus, threshold,
+    return RankSelection(k, outcome.n_signal, rule, effective_options, outcome.sigma2, lambda_plus, outcome.threshold,
                          spectrum.dim, spectrum.n_samples, spectrum.gamma, spectrum.values, diagnostics)
 
 
