@@ -53,7 +53,10 @@ class Projection:
     @staticmethod
     def select(indices, d: int) -> "Projection":
         """Keep the channels ``indices`` of ``d``."""
-        return Projection(torch.eye(d, dtype=torch.float64)[torch.as_tensor(indices, dtype=torch.long)])
+        index = torch.as_tensor(indices, dtype=torch.long)
+        matrix = torch.zeros(index.numel(), d, dtype=torch.float64)
+        matrix[torch.arange(index.numel()), index] = 1.0
+        return Projection(matrix)
 
 
 def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection]) -> GraphModule:

@@ -306,15 +306,20 @@ def _roll_within_sequences(t: torch.Tensor, keep: torch.Tensor | None, rng: torc
     """
     seq = t.reshape(-1, t.shape[-2], t.shape[-1])
     b, length, d = seq.shape
-    keep = torch.ones(b, length, dtype=torch.bool) if keep is None else keep.reshape(b, length).cpu()
-    lengths = keep.sum(dim=1).clamp(min=1)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    source = torch.argsort(torch.rand(b, d, generator=rng), dim=0).view(b, 1, d).expand(b, length, d)
-    src_len = lengths[source]
-    offsets = (torch.rand(b, 1, d, generator=rng) * src_len[:, :1, :]).long()
+    device = seq.device
+    if keep is None:
+        lengths = torch.full((b,), length)
+    else:
+        keep = keep.reshape(b, length).cpu()
+        lengths = keep.sum(dim=1)
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        seq = torch.gather(seq, 1, order.to(device).unsqueeze(-1).expand(b, length, d))
+    source = torch.argsort(torch.rand(b, d, generator=rng), dim=0)  # (b, d): π_j(b)
+    src_len = lengths.clamp(min=1)[source]
+    offsets = (torch.rand(b, d, generator=rng) * src_len).long()
+    seq = torch.gather(seq, 0, source.to(device).unsqueeze(1).expand(b, length, d))
     pos = torch.arange(length).view(1, length, 1)
-    token = order[source, (pos + offsets) % src_len]
-    feature = torch.arange(d).view(1, 1, d).expand(b, length, d)
-    out = seq[source.to(seq.device), token.to(seq.device), feature.to(seq.device)]
-    valid = pos.squeeze(-1) < keep.sum(dim=1).view(b, 1)
-    return out[valid.to(seq.device)]
+    token = torch.remainder(pos + offsets.unsqueeze(1), src_len.unsqueeze(1))
+    out = torch.gather(seq, 1, token.to(device))
+    valid = pos.view(1, length) < lengths.view(b, 1)
+    return out[valid.to(device)]
