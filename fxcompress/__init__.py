@@ -16,7 +16,7 @@ Every error raised on purpose derives from :class:`FxCompressError`.
 from fxcompress import calibrate
 from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
 from fxcompress.capture import capture
-from fxcompress.compress import CompressConfig, CompressResult, compress
+from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
 from fxcompress.errors import CaptureError, ConfigError, DataError, DatasetError, FxCompressError
 from fxcompress.rewrite import Projection, RewriteError, rewrite
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
@@ -35,6 +35,7 @@ __all__ = [
     "analyze_graph",
     "capture",
     "compress",
+    "rebuild",
     "rewrite",
     "ConfigError",
     "CovarianceAccumulator",

@@ -12,7 +12,7 @@ import dataclasses
 import fnmatch
 import inspect
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -98,14 +98,21 @@ class CompressResult:
     params_before: int
     params_after: int
     seconds: float
+    fold_mean: bool = True
 
     @property
     def compressed(self) -> tuple[GroupReport, ...]:
         return tuple(r for r in self.report if r.k < r.d)
 
+    @property
+    def step(self) -> dict[str, Any]:
+        """The architecture change, as :func:`rebuild` replays it: the new widths, and
+        whether consumers got a mean-folding bias. JSON-serialisable."""
+        return {"widths": {r.name: r.k for r in self.compressed}, "fold_mean": self.fold_mean}
+
     def to_dict(self) -> dict[str, Any]:
         return {"params_before": self.params_before, "params_after": self.params_after, "seconds": self.seconds,
-                "groups": [dataclasses.asdict(r) for r in self.report]}
+                "step": self.step, "groups": [dataclasses.asdict(r) for r in self.report]}
 
     def __str__(self) -> str:
         reduction = 1 - self.params_after / self.params_before
@@ -140,7 +147,51 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     module = rewrite(gm, plan, projections)
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
-    return CompressResult(module, plan, report, _count(gm), _count(module), time.perf_counter() - start)
+    return CompressResult(module, plan, report, _count(gm), _count(module), time.perf_counter() - start,
+                          config.fold_mean)
+
+
+def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
+            state_dict: Mapping[str, torch.Tensor] | None = None) -> GraphModule:
+    """The compressed architecture again, from the original ``model`` and the ``steps`` taken.
+
+    ``steps`` are :attr:`CompressResult.step` values, one per ``compress`` call, in order
+    (each call compressed the previous one's module). The widths are replayed with
+    placeholder weights; ``state_dict`` (the compressed module's) is then loaded strictly,
+    so a compressed model is saved as its state dict plus its steps, never as a pickle.
+    """
+    args, kwargs = as_call(example_inputs)
+    module: Any = model
+    for number, step in enumerate(steps):
+        widths = step.get("widths") if isinstance(step, Mapping) else None
+        if not isinstance(widths, Mapping):
+            raise ConfigError(f"step {number} must be a mapping with 'widths' (CompressResult.step), got {step!r}")
+        gm = capture(module, args, kwargs)
+        plan = analyze_graph(gm)
+        projections = {}
+        for name, k in widths.items():
+            size = _group_size(plan, name, number)
+            if not isinstance(k, int) or not 0 < k <= size:
+                raise ConfigError(f"step {number}: group {name!r} has width {size}; k = {k!r} must lie in [1, {size}]")
+            mean = torch.zeros(size, dtype=torch.float64) if step.get("fold_mean", True) else None
+            projections[name] = dataclasses.replace(Projection.select(range(k), size), mean=mean)
+        module = rewrite(gm, plan, projections)
+    if not isinstance(module, GraphModule):
+        module = capture(module, args, kwargs)
+    if state_dict is not None:
+        try:
+            module.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"the state dict does not fit the rebuilt model (a checkpoint of another model, "
+                              f"or steps that do not match it): {str(exc).splitlines()[0]} …") from None
+    return module
+
+
+def _group_size(plan: Plan, name: str, number: int) -> int:
+    try:
+        return plan[name].size
+    except KeyError as exc:
+        raise ConfigError(f"step {number}: {exc.args[0]}: these steps were made from another model") from None
 
 
 def _batches(calib_data: Iterable[Any]) -> list[Any]:

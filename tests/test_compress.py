@@ -177,3 +177,35 @@ def test_fixed_ratio_is_honoured_with_fewer_samples_than_features():
     assert widths == {"fc_in": 16, "blocks.0.fc1": 32, "blocks.1.fc1": 32}
     x = inputs(5)[0]
     assert result.module(x).shape == (5, 4)
+
+
+@pytest.mark.parametrize("name", ["conv_bn_residual", "post_ln_transformer"])
+def test_rebuild_from_steps_and_state_dict(name):
+    """Two compress calls in a row; the original model, the two steps and the final state
+    dict give back the same function, and the steps survive a JSON round trip."""
+    import json
+
+    cls, inputs = ORACLES[name]
+    torch.manual_seed(5)
+    model = cls().eval()
+    batches = [inputs(8) for _ in range(2)]
+    groups = [g.name for g in fxcompress.analyze(model, batches[0]).compressible]
+    first = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5, round_to=1, targets=groups[0]))
+    second = fxcompress.compress(first.module, batches, CompressConfig(rule="fixed", ratio=0.5, round_to=1, targets=groups[-1]))
+    steps = json.loads(json.dumps([first.step, second.step]))
+    assert steps[0]["widths"] and steps[1]["widths"]
+    rebuilt = fxcompress.rebuild(model, batches[0], steps, second.module.state_dict()).eval()
+    x = inputs(3)
+    torch.testing.assert_close(rebuilt(*x), second.module.eval()(*x), rtol=0, atol=0)
+
+
+def test_rebuild_rejects_a_state_dict_of_another_model():
+    cls, inputs = ORACLES["residual_mlp"]
+    model = cls().eval()
+    result = fxcompress.compress(model, [inputs(8)], CompressConfig(rule="fixed", ratio=0.5))
+    with pytest.raises(ConfigError, match="does not fit"):
+        fxcompress.rebuild(model, inputs(2), [result.step], model.state_dict())
+    with pytest.raises(ConfigError, match="another model"):
+        fxcompress.rebuild(model, inputs(2), [{"widths": {"nope": 3}}])
+    with pytest.raises(ConfigError, match="must lie in"):
+        fxcompress.rebuild(model, inputs(2), [{"widths": {"fc_in": 10_000}}])
