@@ -59,30 +59,59 @@ def probe_module(gm: GraphModule, probes: Sequence[str]) -> GraphModule:
 
 def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any],
               correlated_samples: bool = True) -> dict[str, CovarianceAccumulator]:
-    """Stream ``data`` through ``gm``; return each group's covariance accumulator."""
+    """Stream ``data`` through ``gm``; return each group's covariance accumulator.
+
+    Under ``torch.distributed`` every rank passes the same ``data``: rank ``r`` of ``W``
+    runs batches ``r, r + W, …``, and the accumulators are then merged across ranks, so
+    every rank holds the same covariances (and picks the same widths) as one process would.
+    """
+    rank, world = distributed_rank()
     probes = list(dict.fromkeys(g.probe for g in groups))
     pm = probe_module(gm, probes)
     accs: dict[str, CovarianceAccumulator] = {}
     first, batches = None, 0
     with torch.no_grad():
-        for batch in data:
+        for index, batch in enumerate(data):
             shape = structure(batch)
             if first is None:
                 first = shape
             elif shape != first:
-                raise DataError(f"calibration batch {batches} has structure {shape}, but the first had {first}: "
+                raise DataError(f"calibration batch {index} has structure {shape}, but the first had {first}: "
                                 "every batch must have the same inputs")
+            batches += 1
+            if index % world != rank:
+                continue
             args, kwargs = as_call(batch)
             values = dict(zip(probes, pm(*args, **kwargs)))
             for group in groups:
-                _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples)
-            batches += 1
+                _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples, index)
     if not batches:
         raise DataError(EMPTY)
-    return accs
+    return _merge_ranks(accs) if world > 1 else accs
 
 
-def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correlated: bool) -> None:
+def distributed_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` under an initialised ``torch.distributed``, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _merge_ranks(accs: dict[str, CovarianceAccumulator]) -> dict[str, CovarianceAccumulator]:
+    """Every rank's accumulators, merged in rank order (the same result on every rank)."""
+    gathered: list[dict[str, CovarianceAccumulator]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, accs)
+    merged: dict[str, CovarianceAccumulator] = {}
+    for part in gathered:
+        for name, acc in part.items():
+            if name in merged:
+                merged[name].merge(acc)
+            else:
+                merged[name] = acc
+    return merged
+
+
+def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correlated: bool, index: int) -> None:
     x = torch.movedim(value.detach(), group.probe_axis, -1)
     sequences = correlated and x.ndim >= 3
     if sequences:
@@ -93,4 +122,4 @@ def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correla
     keep = None
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
         keep = mask.to(x.device) != 0
-    acc.update(x, keep)  # without the null, (..., d) batches are flattened to samples by update()
+    acc.update(x, keep, null_seed=index)  # without the null, (..., d) batches are flattened to samples by update()

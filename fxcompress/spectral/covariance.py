@@ -71,15 +71,21 @@ class CovarianceAccumulator:
         self._sum = np.zeros(self.dim)
         self.shift = None if shift is None else self._check_shift(shift)
         self.null = CovarianceAccumulator(self.dim, shift=self.shift) if shift_null else None
+        self._seed = seed
         self._rng = torch.Generator().manual_seed(seed) if shift_null else None
 
     # -- feeding -------------------------------------------------------------------------
-    def update(self, x: ArrayLike, mask: ArrayLike | None = None) -> None:
-        """Add a batch: ``x`` is ``(..., dim)``; ``mask`` (shape ``x.shape[:-1]``) keeps True rows."""
+    def update(self, x: ArrayLike, mask: ArrayLike | None = None, *, null_seed: int | None = None) -> None:
+        """Add a batch: ``x`` is ``(..., dim)``; ``mask`` (shape ``x.shape[:-1]``) keeps True rows.
+
+        ``null_seed`` draws this batch's null offsets from their own seed (e.g. the batch's
+        index), so the null does not depend on which process saw which batches.
+        """
         t = self._check_batch(x)
         keep = None if mask is None else self._check_mask(mask, t)
         if self.null is not None:
-            self.null.update(_roll_within_sequences(t, keep, self._rng))
+            rng = self._rng if null_seed is None else torch.Generator().manual_seed(self._seed + 7919 * (null_seed + 1))
+            self.null.update(_roll_within_sequences(t, keep, rng))
         rows = t.reshape(-1, self.dim) if keep is None else t[keep]
         self._add_rows(rows)
 
