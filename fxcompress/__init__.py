@@ -8,7 +8,9 @@ The pipeline, one module per stage:
 * :mod:`fxcompress.spectral` — covariance of hidden activations, Marchenko–Pastur noise
   bulk, and the rules that choose how many directions a layer keeps;
 * :mod:`fxcompress.rewrite` — apply a projection per group, narrowing every coupled op;
-* :mod:`fxcompress.compress` — all of the above in one call.
+* :mod:`fxcompress.compress` — all of the above in one call;
+* :mod:`fxcompress.distill` — fine-tuning with the RMT-KD distillation loss;
+* :mod:`fxcompress.rmtkd` — the iterative loop: project, distil, repeat, with checkpoints.
 
 Every error raised on purpose derives from :class:`FxCompressError`.
 """
@@ -17,13 +19,25 @@ from fxcompress import calibrate
 from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
 from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
-from fxcompress.errors import CaptureError, ConfigError, DataError, DatasetError, FxCompressError
+from fxcompress.distill import DistillConfig, DistillResult, accuracy, distill, kd_loss
+from fxcompress.errors import CaptureError, ConfigError, DataError, DatasetError, FxCompressError, TrainingError
+from fxcompress.rmtkd import RMTKDConfig, RMTKDResult, Round, rmtkd
 from fxcompress.rewrite import Projection, RewriteError, rewrite
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "RMTKDConfig",
+    "RMTKDResult",
+    "Round",
+    "TrainingError",
+    "accuracy",
+    "distill",
+    "kd_loss",
+    "rmtkd",
     "CaptureError",
     "CompressConfig",
     "CompressResult",

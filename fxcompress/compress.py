@@ -25,7 +25,7 @@ from fxcompress.calibrate import EMPTY, as_call, calibrate
 from fxcompress.capture import capture
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, rewrite
-from fxcompress.spectral import RULES, CovarianceAccumulator, select_rank
+from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, select_rank
 from fxcompress.spectral.rules import MP_RULES
 
 TRANSFORMS = ("auto", "projection", "selection")
@@ -99,6 +99,7 @@ class CompressResult:
     params_after: int
     seconds: float
     fold_mean: bool = True
+    selections: Mapping[str, RankSelection] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def compressed(self) -> tuple[GroupReport, ...]:
@@ -147,8 +148,9 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     module = rewrite(gm, plan, projections)
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
+    selections = {name: sel for name, (_, sel, _) in decisions.items()}
     return CompressResult(module, plan, report, _count(gm), _count(module), time.perf_counter() - start,
-                          config.fold_mean)
+                          config.fold_mean, selections)
 
 
 def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],

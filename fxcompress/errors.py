@@ -27,3 +27,7 @@ class DatasetError(FxCompressError, FileNotFoundError):
 
 class CaptureError(FxCompressError):
     """A model could not be captured as a graph; the message names the construct and a fix."""
+
+
+class TrainingError(FxCompressError):
+    """Fine-tuning diverged (a NaN or infinite loss); the message names the step."""
