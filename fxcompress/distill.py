@@ -224,8 +224,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_data: Iterable[
                     with torch.no_grad():
                         ref = logits_of(teacher(*args, **kwargs)) if teacher is not None and config.alpha < 1 else None
                 loss, parts = kd_loss(out, ref, target, config.alpha, config.temperature, task_loss)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"the loss became {float(loss)} at step {step} (epoch {epoch}, batch {index}); "
+                loss_value = loss.detach()
+                if not torch.isfinite(loss_value):
+                    raise TrainingError(f"the loss became {loss_value.item()} at step {step} (epoch {epoch}, batch {index}); "
                                         "lower the learning rate or clip gradients harder")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -29,7 +29,7 @@ import scipy.optimize
 
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.spectral import mp
-from fxcompress.spectral.rules import MP_RULES, RULES, Spectrum, fit_sigma2, robust_fixed_point
+from fxcompress.spectral.rules import MP_RULES, RULES, RuleOutcome, Spectrum, fit_sigma2, robust_fixed_point
 
 #: A bulk of m eigenvalues whose KS distance to the fitted MP law exceeds
 #: max(KS_FLOOR, 1/√m) is flagged as not MP (MP eigenvalues are rigid: on noise it is ≪ 1/√m).
@@ -38,6 +38,9 @@ KS_FLOOR = 0.05
 SPIKE_FRACTION_LIMIT = 0.25
 #: σ² estimators (quantile fit, median, mean) disagreeing by more than this are flagged.
 SPREAD_LIMIT = 0.1
+#: With fewer non-zero eigenvalues there is no noise bulk to fit: the rules that fit one
+#: (the MP rules and Gavish–Donoho) then keep every direction that has variance.
+MIN_BULK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +146,15 @@ def select_rank(
         null = _spectrum(null_eigenvalues, n_samples, spectrum.dim, "null_eigenvalues")
         effective = effective_samples(null)
         spectrum = dataclasses.replace(spectrum, n_samples=effective)
-    outcome = fn(spectrum, **_check_options(rule, fn, options))
+    checked = _check_options(rule, fn, options)
+    if rule in MP_RULES and spectrum.nonzero.size < MIN_BULK:
+        outcome = RuleOutcome(spectrum.nonzero.size, None, None)
+        diagnostics = _too_few(spectrum, effective)
+    else:
+        outcome = fn(spectrum, **checked)
+        diagnostics = _diagnose(spectrum, rule, outcome.sigma2, outcome.n_signal, effective, outcome.extra)
     k = _width(outcome.n_signal, min_rank, round_to, spectrum.dim)
     lambda_plus = None if outcome.sigma2 is None else mp.bulk_edges(spectrum.gamma, outcome.sigma2)[1]
-    diagnostics = _diagnose(spectrum, rule, outcome.sigma2, outcome.n_signal, effective, outcome.extra)
     effective_options = {**_defaults(fn), **options, "min_rank": min_rank, "round_to": round_to}
     return RankSelection(k, outcome.n_signal, rule, effective_options, outcome.sigma2, lambda_plus, outcome.threshold,
                          spectrum.dim, spectrum.n_samples, spectrum.gamma, spectrum.values, diagnostics)
@@ -266,6 +274,14 @@ def _diagnose(spectrum: Spectrum, rule: str, sigma2: float | None, n_signal: int
     dead = spectrum.dim - spectrum.dim_eff
     warnings = _warnings(ks, spread, heavy, exhausted, dead, effective, spectrum)
     return Diagnostics(ks, estimates, spread, heavy, exhausted, dead, effective, warnings, dict(extra))
+
+
+def _too_few(spectrum: Spectrum, effective: int | None) -> Diagnostics:
+    m = spectrum.nonzero.size
+    note = (f"only {m} eigenvalues have variance, too few (< {MIN_BULK}) to fit a noise bulk: "
+            "every direction with variance is kept")
+    dead = spectrum.dim - spectrum.dim_eff
+    return Diagnostics(math.nan, {}, math.nan, False, True, dead, effective, (note,))
 
 
 def _ks_distance(bulk: np.ndarray, gamma: float, sigma2: float) -> float:
