@@ -1,151 +1,107 @@
-"""fxcompress demo: the spectral stage of RMT-KD on a network trained from scratch on CIFAR-10.
+"""fxcompress demo: RMT-KD end to end, on data that ships with a dependency (no download).
 
-1. trains a small CNN on CIFAR-10 (data_batch_1-2) for a minute on the CPU;
-2. streams calibration activations (10 % of the training images) of every hidden layer
-   into float64 covariances: conv layers by channel (every pixel a sample), with the
-   circular-shift null over pixel positions, since neighbouring pixels are correlated;
-3. picks the width of each layer with every rule and prints them side by side;
-4. writes a spectrum plot per layer (the paper's Fig. 2) and a JSON report to --out;
-5. compresses the CNN with fxcompress.compress (capture → width analysis → calibration →
-   rank selection → rewrite) under the paper's rule and the robust one, and reports
-   parameters and test accuracy before fine-tuning (distillation is the next stage).
+1. trains a small CNN from scratch on scikit-learn's 8×8 handwritten digits (1,797 real
+   images, 10 classes): 60 % train, 20 % validation, 20 % test, split from a seed;
+2. runs RMT-KD (``fxcompress.rmtkd``): for each width group in graph order, the spectrum
+   of its activations on a calibration subset (10 % of the training set) picks how many
+   directions to keep, the layer is projected and the model narrowed, then fine-tuned with
+   self-distillation (the model before the step is the teacher); it stops at the accuracy
+   floor, when no noise is left, or at the target reduction;
+3. prints the table of rounds, and writes to ``--out`` the report (``report.json``), the
+   fine-tuning metrics (``metrics.jsonl``), a checkpoint per round and a spectrum plot per
+   narrowed group (the paper's Fig. 2).
+
+    python tools/demo.py --out out/demo [--rule mp-hist --epochs 40]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import fxcompress
 from fxcompress.atomic import write_text
-from fxcompress.datasets import cifar10
 from fxcompress.errors import FxCompressError
-from fxcompress.spectral import CovarianceAccumulator, plot_spectrum
-
-RULES = {"mp-robust": {}, "mp-hist": {"q": 0.5}, "gavish-donoho": {}, "energy": {"tau": 0.9}}
 
 
-def small_cnn() -> nn.Sequential:
+def digits(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's digits as (N, 1, 8, 8) float images in [0, 1] and int64 labels, split 60/20/20."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        sys.exit("the demo needs scikit-learn (its digits dataset): pip install 'fxcompress[demo]'")
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut1, cut2 = int(0.6 * len(x)), int(0.8 * len(x))
+    parts = {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}
+    return {name: (x[idx], y[idx]) for name, idx in parts.items()}
+
+
+def cnn() -> nn.Sequential:
     def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return nn.Sequential(*block(3, 64), *block(64, 128), *block(128, 256),
-                         nn.Flatten(), nn.Linear(256 * 16, 256), nn.ReLU(), nn.Linear(256, 10))
-
-
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seconds: float, seed: int) -> int:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    model.train()
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for idx in torch.randperm(len(x), generator=gen).split(128):
-            xb = x[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb)
-            loss = nn.functional.cross_entropy(model(xb), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            if time.perf_counter() - start >= seconds:
-                break
-    return steps
+    return nn.Sequential(*block(1, 64), *block(64, 128), nn.MaxPool2d(2), *block(128, 256), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(256 * 4, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float(sum((model(xb).argmax(1) == yb).sum() for xb, yb in zip(x.split(500), y.split(500))) / len(y))
-
-
-@torch.no_grad()
-def calibrate(model: nn.Sequential, x: torch.Tensor) -> dict[str, CovarianceAccumulator]:
-    """One pass over x feeds the covariance of every ReLU output (the layers' hidden widths)."""
-    accs: dict[str, CovarianceAccumulator] = {}
-
-    def hook(name: str):
-        def feed(_module, _inputs, out: torch.Tensor) -> None:
-            if out.ndim == 4:  # (N, C, H, W) → N sequences of H·W correlated pixel samples
-                out = out.flatten(2).transpose(1, 2)
-            acc = accs.setdefault(name, CovarianceAccumulator(out.shape[-1], shift_null=out.ndim == 3))
-            acc.update(out)
-
-        return feed
-
-    handles = [m.register_forward_hook(hook(f"{i}:{type(model[i - 1]).__name__}→relu"))
-               for i, m in enumerate(model) if isinstance(m, nn.ReLU)]
-    model.eval()
-    for xb in x.split(250):
-        model(xb)
-    for h in handles:
-        h.remove()
-    return accs
+def loader(split: tuple[torch.Tensor, torch.Tensor], batch: int, shuffle: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*split), batch_size=batch, shuffle=shuffle)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None, help="evaluation data (default: $FXCOMPRESS_DATA)")
-    parser.add_argument("--out", default="out/demo", help="where plots and the report go")
-    parser.add_argument("--train-seconds", type=float, default=60.0, help="CPU time budget for training")
+    parser.add_argument("--out", default="out/demo", help="where the report, checkpoints and plots go")
+    parser.add_argument("--rule", default="mp-hist", help="rank-selection rule (default: the paper's mp-hist)")
+    parser.add_argument("--q", type=float, default=0.5, help="mp-hist's noise quantile (the paper's knob)")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of training from scratch")
+    parser.add_argument("--tune-epochs", type=int, default=3, help="epochs of distillation per round")
+    parser.add_argument("--target", type=float, default=0.8, help="stop at this parameter reduction")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
     out = Path(args.out)
+    start = time.perf_counter()
 
-    x_np, y_np = cifar10(args.data_dir, ["data_batch_1", "data_batch_2"])
-    xv_np, yv_np = cifar10(args.data_dir, ["test_batch_first1000"])
-    x, y, xv, yv = map(torch.from_numpy, (x_np, y_np, xv_np, yv_np))
-    model = small_cnn()
-    print(f"[1/5] training a {sum(p.numel() for p in model.parameters()):,}-parameter CNN on "
-          f"{len(x):,} CIFAR-10 images for {args.train_seconds:.0f} s ...", flush=True)
-    steps = train(model, x, y, args.train_seconds, args.seed)
-    acc = accuracy(model, xv, yv)
-    print(f"      {steps} steps; accuracy on the 1,000 CIFAR-10 test images: {acc:.1%}")
+    data = digits(args.seed)
+    train, val, test = loader(data["train"], 64, True), loader(data["val"], 256, False), loader(data["test"], 256, False)
+    model = cnn()
+    print(f"training a {sum(p.numel() for p in model.parameters()):,}-parameter CNN on {len(data['train'][0])} "
+          f"digit images for {args.epochs} epochs …", flush=True)
+    fxcompress.distill(model, None, train, fxcompress.DistillConfig(alpha=1, epochs=args.epochs, lr=2e-3,
+                                                                    weight_decay=1e-4, progress=False))
+    trained_at = time.perf_counter()
+    before = fxcompress.accuracy(model, test)
+    print(f"  trained in {trained_at - start:.0f} s: validation {fxcompress.accuracy(model, val):.4f}, "
+          f"test {before:.4f}", flush=True)
 
-    calib = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: len(x) // 10]]
-    print(f"[2/5] calibrating on {len(calib):,} training images (10 %) ...", flush=True)
-    accs = calibrate(model, calib)
-
-    print("[3/5] rank selection per layer (k = width kept, of d; conv layers use the circular-shift null)")
-    header = f"  {'layer':18s} {'d':>5s} {'samples':>9s} {'n_eff':>7s} " + " ".join(f"{r:>13s}" for r in RULES)
-    print(header + "   σ² (robust)  MP fit")
-    report = {"accuracy": acc, "train_steps": steps, "calibration_images": len(calib), "layers": {}}
-    for name, acc_ in accs.items():
-        picks = {rule: acc_.select_rank(rule, **opts) for rule, opts in RULES.items()}
-        robust = picks["mp-robust"]
-        n_eff = robust.diagnostics.effective_samples or robust.n_samples
-        fit = "heavy-tailed?" if robust.diagnostics.heavy_tailed else "ok"
-        print(f"  {name:18s} {acc_.dim:5d} {acc_.count:9,d} {n_eff:7,d} "
-              + " ".join(f"{p.k:13d}" for p in picks.values()) + f"   {robust.sigma2:11.4g}  {fit}")
-        slug = name.replace(":", "_").replace("→", "_")
-        plot_spectrum(robust, out / f"spectrum_{slug}.png", title=f"{name} (CIFAR-10 CNN, calibration set)")
-        report["layers"][name] = {rule: p.to_dict() for rule, p in picks.items()}
-    print(f"[4/5] wrote {len(accs)} spectrum plots to {out}/")
-
-    print("[5/5] fxcompress.compress on the trained CNN (no fine-tuning yet):")
-    batches = list(calib.split(250))
-    report["compress"] = {}
-    for rule in ("mp-hist", "mp-robust"):
-        result = fxcompress.compress(model, batches, fxcompress.CompressConfig(rule=rule))
-        compressed_acc = accuracy(result.module, xv, yv)
-        widths = ", ".join(f"{r.d}→{r.k}" for r in result.report if r.rule is not None)
-        print(f"      {rule:10s} {result.params_before:,} → {result.params_after:,} parameters "
-              f"({1 - result.params_after / result.params_before:.1%} fewer; widths {widths}); "
-              f"accuracy {acc:.1%} → {compressed_acc:.1%}")
-        report["compress"][rule] = {**result.to_dict(), "accuracy": compressed_acc}
-    write_text(out / "report.json", json.dumps(report, indent=1))
-    print(f"      wrote {out}/report.json")
+    config = fxcompress.RMTKDConfig(
+        compress=fxcompress.CompressConfig(rule=args.rule, q=args.q),
+        distill=fxcompress.DistillConfig(alpha=0.5, temperature=2.0, epochs=args.tune_epochs, lr=1e-3, progress=False),
+        max_drop=0.02, target_reduction=args.target, max_passes=1, seed=args.seed)
+    print(f"RMT-KD ({args.rule}) …", flush=True)
+    try:
+        result = fxcompress.rmtkd(model, train, val, config, out_dir=out, plots=True)
+    except FxCompressError as exc:
+        sys.exit(f"RMT-KD failed: {exc}")
+    after = fxcompress.accuracy(result.module, test)
+    print(result)
+    print(f"test accuracy {before:.4f} → {after:.4f}; RMT-KD took {result.seconds:.0f} s, "
+          f"the whole demo {time.perf_counter() - start:.0f} s")
+    report = {**result.to_dict(), "test_accuracy_before": before, "test_accuracy_after": after,
+              "train_seconds": trained_at - start}
+    write_text(out / "report.json", json.dumps(report, indent=2))
+    print(f"report, checkpoint, metrics and spectra in {out}/")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FxCompressError as exc:
-        raise SystemExit(f"fxcompress demo: error: {exc}") from None
+    main()
