@@ -68,7 +68,7 @@ def _export(model: Any, args: tuple, kwargs: dict) -> torch.export.ExportedProgr
     if getattr(getattr(work, "config", None), "use_cache", False):
         work.config.use_cache = False  # a KV cache object is not a tensor output; compression needs none
     try:
-        return torch.export.export(work, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False)
+        return torch.export.export(work, args, kwargs, dynamic_shapes=dynamic_shapes(args, kwargs), strict=False)
     except Exception as exc:  # torch raises many types; all mean "could not capture"
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {_first_line(exc)}\n"
@@ -77,7 +77,7 @@ def _export(model: Any, args: tuple, kwargs: dict) -> torch.export.ExportedProgr
         ) from exc
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | None:
+def dynamic_shapes(args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | None:
     """Batch axes dynamic; for integer inputs (token ids, masks) the sequence axis too."""
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):

@@ -31,3 +31,7 @@ class CaptureError(FxCompressError):
 
 class TrainingError(FxCompressError):
     """Fine-tuning diverged (a NaN or infinite loss); the message names the step."""
+
+
+class ExportError(FxCompressError):
+    """An ONNX export failed or does not compute what the PyTorch module does."""
