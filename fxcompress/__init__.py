@@ -10,7 +10,9 @@ The pipeline, one module per stage:
 * :mod:`fxcompress.rewrite` — apply a projection per group, narrowing every coupled op;
 * :mod:`fxcompress.compress` — all of the above in one call;
 * :mod:`fxcompress.distill` — fine-tuning with the RMT-KD distillation loss;
-* :mod:`fxcompress.rmtkd` — the iterative loop: project, distil, repeat, with checkpoints.
+* :mod:`fxcompress.rmtkd` — the iterative loop: project, distil, repeat, with checkpoints;
+* :mod:`fxcompress.export` — validated ONNX export; :mod:`fxcompress.bench` and
+  :mod:`fxcompress.results` — side-by-side deployment benchmarks (``fxcompress-bench``).
 
 Every error raised on purpose derives from :class:`FxCompressError`.
 """
@@ -20,42 +22,19 @@ from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
 from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
 from fxcompress.distill import DistillConfig, DistillResult, accuracy, distill, kd_loss
-from fxcompress.errors import CaptureError, ConfigError, DataError, DatasetError, FxCompressError, TrainingError
-from fxcompress.rmtkd import RMTKDConfig, RMTKDResult, Round, rmtkd
+from fxcompress.errors import (CaptureError, ConfigError, DataError, DatasetError, ExportError, FxCompressError,
+                               TrainingError)
+from fxcompress.export import ExportReport, export_onnx, validate_onnx
 from fxcompress.rewrite import Projection, RewriteError, rewrite
+from fxcompress.rmtkd import RMTKDConfig, RMTKDResult, Round, rmtkd
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistillConfig",
-    "DistillResult",
-    "RMTKDConfig",
-    "RMTKDResult",
-    "Round",
-    "TrainingError",
-    "accuracy",
-    "distill",
-    "kd_loss",
-    "rmtkd",
-    "CaptureError",
-    "CompressConfig",
-    "CompressResult",
-    "Plan",
-    "Projection",
-    "RewriteError",
-    "WidthGroup",
-    "analyze",
-    "analyze_graph",
-    "capture",
-    "compress",
-    "rebuild",
-    "rewrite",
-    "ConfigError",
-    "CovarianceAccumulator",
-    "DataError",
-    "DatasetError",
-    "FxCompressError",
-    "RankSelection",
-    "select_rank",
+    "CaptureError", "CompressConfig", "CompressResult", "ConfigError", "CovarianceAccumulator", "DataError",
+    "DatasetError", "DistillConfig", "DistillResult", "ExportError", "ExportReport", "FxCompressError", "Plan",
+    "Projection", "RMTKDConfig", "RMTKDResult", "RankSelection", "RewriteError", "Round", "TrainingError",
+    "WidthGroup", "accuracy", "analyze", "analyze_graph", "calibrate", "capture", "compress", "distill",
+    "export_onnx", "kd_loss", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
 ]

@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from fxcompress.atomic import atomic_path
+from fxcompress.bench import FLOPS_KEY, count_parameters, size_on_disk
 from fxcompress.calibrate import as_call
 from fxcompress.capture import dynamic_shapes
 from fxcompress.errors import ConfigError, ExportError
 
 EXPORTERS = ("dynamo", "torchscript")
-FLOPS_KEY = "fxcompress.flops_per_sample"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,21 +73,6 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         onnx.save(model, str(tmp))
         shapes, error = validate_onnx(work, example_inputs, tmp, atol=atol, rtol=rtol) if validate else ((), float("nan"))
     return ExportReport(str(target), used, opset, size_on_disk(target), count_parameters(model), flops, shapes, error)
-
-
-def size_on_disk(path: str | os.PathLike) -> int:
-    """Bytes of an ``.onnx`` file plus the external data files it references."""
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    files = {entry.value for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
-             for entry in init.external_data if entry.key == "location"}
-    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
-
-
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers (the weights)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in floats))
 
 
 # -- export ----------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from onnx import numpy_helper
 import fxcompress
 from fxcompress import CompressConfig
 from fxcompress.errors import ConfigError, ExportError
-from fxcompress.export import FLOPS_KEY, export_onnx, size_on_disk, validate_onnx
+from fxcompress.bench import FLOPS_KEY, size_on_disk
+from fxcompress.export import export_onnx, validate_onnx
 from zoo import ORACLES
 
 EXPORTABLE = sorted(ORACLES)

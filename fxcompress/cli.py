@@ -1,0 +1,74 @@
+"""``fxcompress-bench``: compare ONNX models side by side, as deployed.
+
+    fxcompress-bench compare original.onnx compressed.onnx --batch-sizes 1,32 --out bench/
+    fxcompress-bench env
+
+Bad input (a missing file, a file that is not ONNX, different input signatures, an unknown
+device, a batch size of 0) ends with a message on stderr, exit code 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fxcompress.errors import FxCompressError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fxcompress-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser("compare", help="measure two or more ONNX models side by side (the first is the reference)",
+                         description="Latency, throughput, memory and energy of ONNX models, each run in fresh "
+                                     "processes, alternating models over the repeats.")
+    cmp.add_argument("models", nargs="+", help="ONNX files; the first is the reference of every ratio")
+    cmp.add_argument("--out", required=True, help="directory for results.json, results.csv, results.md, plots")
+    cmp.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    cmp.add_argument("--repeats", type=int, default=3, help="alternating repeats per model (default 3)")
+    cmp.add_argument("--device", default="cpu", help="cpu (CPU provider) or cuda (CUDA provider, IO binding)")
+    cmp.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    cmp.add_argument("--seq-len", type=int, default=128, help="length of symbolic sequence axes (default 128)")
+    cmp.add_argument("--warmup-runs", type=int, default=10)
+    cmp.add_argument("--warmup-seconds", type=float, default=2.0)
+    cmp.add_argument("--min-runs", type=int, default=1000)
+    cmp.add_argument("--min-seconds", type=float, default=10.0)
+    cmp.add_argument("--max-seconds", type=float, default=60.0,
+                     help="cap per measurement for slow models (fewer than --min-runs then; the count is reported)")
+    sub.add_parser("env", help="print the environment a result would record (versions, CPU, GPU)",
+                   description="Print the package versions, CPU and GPU that compare records.")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "env":
+            from fxcompress.bench import environment
+
+            print(json.dumps(environment("cpu"), indent=2))
+            return 0
+        return _compare(args)
+    except FxCompressError as exc:
+        print(f"fxcompress-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fxcompress.bench import BenchConfig, compare
+    from fxcompress.errors import ConfigError
+    from fxcompress.results import write_results
+
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    config = BenchConfig(batch_sizes=batches, repeats=args.repeats, device=args.device, threads=args.threads,
+                         sequence_length=args.seq_len, warmup_runs=args.warmup_runs,
+                         warmup_seconds=args.warmup_seconds, min_runs=args.min_runs, min_seconds=args.min_seconds,
+                         max_seconds=args.max_seconds)
+    results = compare(args.models, config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    for path in write_results(results, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

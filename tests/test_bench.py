@@ -1,0 +1,103 @@
+"""fxcompress-bench: every field measured and written; bad input is a clear error, exit 2."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress import CompressConfig
+from fxcompress.bench import EnergyMeter
+from fxcompress.cli import main
+from fxcompress.export import export_onnx
+from zoo import ORACLES
+
+FAST = ["--batch-sizes", "1,4", "--repeats", "2", "--min-runs", "5", "--min-seconds", "0", "--warmup-runs", "1",
+        "--warmup-seconds", "0"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    cls, inputs = ORACLES["residual_mlp"]
+    torch.manual_seed(0)
+    model = cls().eval()
+    data = [inputs(16) for _ in range(2)]
+    small = fxcompress.compress(model, data, CompressConfig(rule="fixed", ratio=0.5, round_to=1)).module
+    export_onnx(model, data[0], folder / "original.onnx")
+    export_onnx(small, data[0], folder / "compressed.onnx")
+    cls, inputs = ORACLES["post_ln_transformer"]
+    export_onnx(cls().eval(), inputs(2), folder / "tokens.onnx")
+    return folder
+
+
+def test_compare_writes_every_field(pair, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["compare", str(pair / "original.onnx"), str(pair / "compressed.onnx"), "--out", str(out), *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    env = results["environment"]
+    assert env["cores"] >= 1 and "onnxruntime" in env["packages"] and env["cpu"]
+    original, compressed = results["models"]
+    assert compressed["parameters"] < original["parameters"] and compressed["size_bytes"] < original["size_bytes"]
+    assert compressed["flops_per_sample"] < original["flops_per_sample"]
+    for model in results["models"]:
+        for batch in ("1", "4"):
+            s = model["batches"][batch]
+            assert s["repeats"] == 2 and s["provider"] == "CPUExecutionProvider" and s["threads"] == "ort-default"
+            assert set(s["latency_ms"]) == {"count", "mean", "std", "p50", "p90", "p95", "p99"}
+            assert s["latency_ms"]["p50"]["median"] > 0 and s["latency_ms"]["count"]["min"] >= 5
+            assert s["throughput_per_s"]["median"] > 0 and s["peak_rss_bytes"]["median"] > 10**6
+            if s["energy"]["source"] is None:  # no NVML or RAPL here: null, with the reason
+                assert s["energy"]["joules"] is None and s["energy"]["reason"]
+            ratio = s["ratio_to_first"]
+            assert ratio["latency_p50"]["median"] > 0 and 0 < ratio["flops"] <= 1
+    assert compressed["batches"]["1"]["ratio_to_first"]["flops"] < 1
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and "latency_ms.p99.median" in rows[0] and "ratio_to_first.flops" in rows[0]
+    assert "| compressed | 4 |" in (out / "results.md").read_text()
+    assert (out / "latency.png").stat().st_size > 0
+
+
+def test_energy_is_null_with_a_reason_without_a_counter(monkeypatch, tmp_path):
+    monkeypatch.setattr("fxcompress.bench.RAPL", tmp_path / "no-such-counter")
+    meter = EnergyMeter("cpu")
+    meter.start()
+    reading = meter.stop(10)
+    assert reading["source"] is None and reading["joules"] is None and "RAPL" in reading["reason"]
+
+
+@pytest.mark.parametrize("make_args, match", [
+    (lambda d: [str(d / "missing.onnx"), str(d / "original.onnx")], "no such model file"),
+    (lambda d: [str(d / "junk.onnx"), str(d / "original.onnx")], "is not an ONNX model"),
+    (lambda d: [str(d / "original.onnx"), str(d / "tokens.onnx")], "same input signature"),
+    (lambda d: [str(d / "original.onnx"), str(d / "compressed.onnx"), "--device", "tpu"], "unknown device"),
+    (lambda d: [str(d / "original.onnx"), str(d / "compressed.onnx"), "--batch-sizes", "0"], "batch sizes"),
+    (lambda d: [str(d / "original.onnx")], "two or more models"),
+])
+def test_bad_input_exits_2_and_writes_nothing(pair, tmp_path, capsys, make_args, match):
+    (pair / "junk.onnx").write_text("not a model")
+    out = tmp_path / "bench"
+    assert main(["compare", *make_args(pair), "--out", str(out), *FAST[2:]]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [[], ["compare"], ["env"]])
+def test_every_subcommand_has_help(command):
+    proc = subprocess.run([sys.executable, "-m", "fxcompress.cli", *command, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage: fxcompress-bench" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_compare_on_cuda_uses_the_cuda_provider(pair, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA provider in this onnxruntime build")
+    out = tmp_path / "bench"
+    assert main(["compare", str(pair / "original.onnx"), str(pair / "compressed.onnx"), "--device", "cuda",
+                 "--out", str(out), *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert all(s["provider"] == "CUDAExecutionProvider" for m in results["models"] for s in m["batches"].values())
