@@ -47,7 +47,7 @@ def main() -> None:
     targets = _targets(plan, config)
     accs = calibrate(gm, targets, batches, config.correlated_samples)
     lap("calibration (2 batches)")
-    decisions = {g.name: _decide(g, accs[g.name], config) for g in targets}
+    decisions = {g.name: _decide(gm, g, accs[g.name], config) for g in targets}
     lap("rank selection + eigenvectors")
     module = rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None})
     lap("rewrite")

@@ -34,6 +34,16 @@ RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 FLOPS_KEY = "fxcompress.flops_per_sample"  # written by fxcompress.export_onnx
 
 
+def _cifar10_test(root: str | None) -> tuple[np.ndarray, np.ndarray]:
+    from fxcompress.datasets import cifar10
+
+    return cifar10(root, ["test_batch_first1000"])
+
+
+#: Labelled evaluation splits: name → loader(data_dir) returning (inputs, labels).
+DATASETS = {"cifar10": _cifar10_test}
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """How to measure. Defaults follow DESIGN.md §5; tests shorten them."""
@@ -49,12 +59,16 @@ class BenchConfig:
     threads: int = 0  # intra-op threads; 0 lets ONNX Runtime choose
     sequence_length: int = 128  # for symbolic non-batch axes (token inputs)
     seed: int = 0
+    dataset: str | None = None  # a labelled split for accuracy (see DATASETS)
+    data_dir: str | None = None  # default: $FXCOMPRESS_DATA
 
     def __post_init__(self):
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise ConfigError(f"batch sizes must be integers ≥ 1, got {list(self.batch_sizes)}")
         if self.repeats < 1 or self.min_runs < 1 or self.warmup_runs < 0:
             raise ConfigError("repeats and min_runs must be ≥ 1, warmup_runs ≥ 0")
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}: choose one of {sorted(DATASETS)}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}: choose one of {sorted(DEVICES)}")
         if self.max_seconds < self.min_seconds:
@@ -276,6 +290,9 @@ def compare(paths: list[str], config: BenchConfig = BenchConfig(), progress=prin
         raise ConfigError("compare needs two or more models (the first is the reference)")
     models = [describe(p) for p in paths]
     check_same_inputs(models)
+    data = DATASETS[config.dataset](config.data_dir) if config.dataset else None
+    if data is not None:
+        _check_fits(models[0]["path"], models[0]["signature"], data[0])
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for repeat in range(config.repeats):
         for batch in config.batch_sizes:
@@ -285,10 +302,35 @@ def compare(paths: list[str], config: BenchConfig = BenchConfig(), progress=prin
     results = {"config": dataclasses.asdict(config), "environment": environment(config.device), "models": []}
     for index, model in enumerate(models):
         entry = {k: v for k, v in model.items() if k != "signature"} | {"inputs": model["signature"], "batches": {}}
+        if data is not None:
+            progress(f"accuracy on {config.dataset}: {model['name']}")
+            entry["accuracy"] = {"dataset": config.dataset, "samples": len(data[1]),
+                                 "value": accuracy(model["path"], *data, model["signature"])}
         for batch in config.batch_sizes:
             entry["batches"][str(batch)] = _summary(runs[(index, batch)], runs[(0, batch)], model, models[0])
         results["models"].append(entry)
     return results
+
+
+def accuracy(path: str, inputs: np.ndarray, labels: np.ndarray, sig: list[dict[str, Any]], batch: int = 100) -> float:
+    """Top-1 accuracy of an ONNX classifier (first output, classes last) on CPU."""
+    import onnxruntime as ort
+
+    _check_fits(path, sig, inputs)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    correct = 0
+    for start in range(0, len(labels), batch):
+        logits = session.run(None, {sig[0]["name"]: inputs[start:start + batch]})[0]
+        correct += int((logits.argmax(axis=-1) == labels[start:start + batch]).sum())
+    return correct / len(labels)
+
+
+def _check_fits(path: str, sig: list[dict[str, Any]], inputs: np.ndarray) -> None:
+    fixed = sig[0]["dims"][1:] if len(sig) == 1 else []
+    if len(sig) != 1 or np.dtype(sig[0]["type"]).kind != "f" or len(sig[0]["dims"]) != inputs.ndim or \
+            any(isinstance(d, int) and d != n for d, n in zip(fixed, inputs.shape[1:])):
+        raise DataError(f"{path} takes inputs {sig}; the dataset gives one float array shaped "
+                        f"{['N', *inputs.shape[1:]]}")
 
 
 def _in_fresh_process(path: str, batch: int, config: BenchConfig) -> dict[str, Any]:

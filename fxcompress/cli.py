@@ -4,7 +4,8 @@
     fxcompress-bench env
 
 Bad input (a missing file, a file that is not ONNX, different input signatures, an unknown
-device, a batch size of 0) ends with a message on stderr, exit code 2, and nothing written.
+device, a batch size of 0, an unreadable data directory) ends with a message on stderr,
+exit code 2, and nothing written.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--device", default="cpu", help="cpu (CPU provider) or cuda (CUDA provider, IO binding)")
     cmp.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     cmp.add_argument("--seq-len", type=int, default=128, help="length of symbolic sequence axes (default 128)")
+    cmp.add_argument("--data", default=None, help="a labelled split for accuracy: cifar10 (its 1,000 test images)")
+    cmp.add_argument("--data-dir", default=None, help="evaluation data directory (default: $FXCOMPRESS_DATA)")
     cmp.add_argument("--warmup-runs", type=int, default=10)
     cmp.add_argument("--warmup-seconds", type=float, default=2.0)
     cmp.add_argument("--min-runs", type=int, default=1000)
@@ -63,7 +66,7 @@ def _compare(args: argparse.Namespace) -> int:
     config = BenchConfig(batch_sizes=batches, repeats=args.repeats, device=args.device, threads=args.threads,
                          sequence_length=args.seq_len, warmup_runs=args.warmup_runs,
                          warmup_seconds=args.warmup_seconds, min_runs=args.min_runs, min_seconds=args.min_seconds,
-                         max_seconds=args.max_seconds)
+                         max_seconds=args.max_seconds, dataset=args.data, data_dir=args.data_dir)
     results = compare(args.models, config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     for path in write_results(results, args.out):
         print(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import inspect
+import operator
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from fxcompress.rewrite import Projection, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, select_rank
 from fxcompress.spectral.rules import MP_RULES
 
-TRANSFORMS = ("auto", "projection", "selection")
+TRANSFORMS = ("auto", "projection", "selection", "magnitude")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +37,13 @@ class CompressConfig:
     """How to compress. Defaults follow the RMT-KD paper (``mp-hist`` with q = 0.5).
 
     Rule options (``q``, ``alpha``, ``tau``, ``ratio``, ``k``) are passed to the rule that
-    takes them. ``targets``: ``"all"`` or group names / glob patterns. ``transform``:
-    ``"projection"`` onto the top eigenvectors, ``"selection"`` of the channels that best
-    span them, or ``"auto"``: selection where only that is exact (across ReLU/BatchNorm),
-    projection elsewhere.
+    takes them; ``rule="fixed"`` also takes ``widths``, a width per group name (only those
+    groups are then narrowed: matched budgets for baselines). ``targets``: ``"all"`` or group
+    names / glob patterns. ``transform``: ``"projection"`` onto the top eigenvectors,
+    ``"selection"`` of the channels that best span them, ``"auto"``: selection where only
+    that is exact (across ReLU/BatchNorm), projection elsewhere; or ``"magnitude"``: the
+    channels whose producer weights have the largest L2 norm (the structured-pruning
+    baseline, blind to the activations).
     """
 
     rule: str = "mp-hist"
@@ -48,6 +52,7 @@ class CompressConfig:
     tau: float = 0.9
     ratio: float | None = None
     k: int | None = None
+    widths: Mapping[str, int] | None = None
     min_rank: int = 1
     round_to: int = 8
     targets: str | tuple[str, ...] = "all"
@@ -60,12 +65,17 @@ class CompressConfig:
             raise ConfigError(f"unknown rule {self.rule!r}; choose one of {sorted(RULES)}")
         if self.transform not in TRANSFORMS:
             raise ConfigError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
-        if self.rule == "fixed" and (self.ratio is None) == (self.k is None):
-            raise ConfigError('rule="fixed" needs exactly one of ratio= or k=')
+        given = [name for name in ("ratio", "k", "widths") if getattr(self, name) is not None]
+        if self.rule == "fixed" and len(given) != 1:
+            raise ConfigError(f'rule="fixed" needs exactly one of ratio=, k= or widths=, got {given or "none"}')
+        if self.widths is not None and self.rule != "fixed":
+            raise ConfigError('widths= sets each group\'s k: use it with rule="fixed"')
         if self.min_rank < 1:
             raise ConfigError(f"min_rank must be ≥ 1 (a group cannot vanish), got {self.min_rank}")
 
-    def rule_options(self) -> dict[str, Any]:
+    def rule_options(self, group: str | None = None) -> dict[str, Any]:
+        if self.widths is not None:
+            return {"k": self.widths[group], "min_rank": self.min_rank, "round_to": 1}
         accepted = list(inspect.signature(RULES[self.rule]).parameters)[1:]
         options = {name: getattr(self, name) for name in accepted if getattr(self, name, None) is not None}
         return {**options, "min_rank": self.min_rank, "round_to": self.round_to}
@@ -144,7 +154,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     plan = analyze_graph(gm)
     targets = _targets(plan, config)
     accs = calibrate(gm, targets, batches, config.correlated_samples) if targets else {}
-    decisions = {g.name: _decide(g, accs[g.name], config) for g in targets}
+    decisions = {g.name: _decide(gm, g, accs[g.name], config) for g in targets}
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     module = rewrite(gm, plan, projections)
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
@@ -208,6 +218,14 @@ def _batches(calib_data: Iterable[Any]) -> list[Any]:
 
 def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:
     candidates = [g for g in plan.groups if not g.frozen and g.probe is not None]
+    if config.widths is not None:
+        names = {g.name: g for g in plan.groups}
+        for name, k in config.widths.items():
+            if name not in names:
+                raise ConfigError(f"widths names {name!r}, which is not a width group; groups are: {list(names)}")
+            if not isinstance(k, int) or not 0 < k <= names[name].size:
+                raise ConfigError(f"widths[{name!r}] = {k!r} must lie in [1, {names[name].size}]")
+        candidates = [g for g in candidates if g.name in config.widths]
     if config.targets == "all":
         return candidates
     patterns = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
@@ -218,10 +236,10 @@ def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:
     return [g for g in candidates if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
 
 
-def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfig):
+def _decide(gm: GraphModule, group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfig):
     """One eigendecomposition per group: its eigenvalues pick k, its eigenvectors build P."""
     values, vectors = acc.eigh()
-    options = config.rule_options()
+    options = config.rule_options(group.name)
     if acc.null is not None and config.rule in MP_RULES:  # only the MP rules use the null
         options["null_eigenvalues"] = acc.null.correlation_eigenvalues()
     selection = select_rank(values, acc.dof(), config.rule, **options)
@@ -231,7 +249,9 @@ def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfi
         return None, selection, transform
     top = _complete(vectors, k)
     mean = torch.from_numpy(acc.mean()) if config.fold_mean else None
-    if transform == "selection":
+    if transform == "magnitude":
+        proj = dataclasses.replace(Projection.select(_largest_weights(gm, group, k), group.size), mean=mean)
+    elif transform == "selection":
         weighted = top * np.sqrt(np.clip(values[:k], 0, None))
         _, _, pivots = scipy.linalg.qr(weighted.T, pivoting=True, mode="economic")
         proj = Projection.select(np.sort(pivots[:k]), group.size)
@@ -239,6 +259,16 @@ def _decide(group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfi
     else:
         proj = Projection(torch.from_numpy(np.ascontiguousarray(top.T)), mean)
     return proj, selection, transform
+
+
+def _largest_weights(gm: GraphModule, group: WidthGroup, k: int) -> np.ndarray:
+    """The ``k`` channels whose producer weights (consumer weights, if none) have the largest
+    L2 norm over all the group's parameters, in index order."""
+    score = torch.zeros(group.size, dtype=torch.float64)
+    for use in group.producers or group.consumers:
+        weight = operator.attrgetter(use.param)(gm).detach().to(torch.float64)
+        score += (torch.movedim(weight, use.axis, 0).reshape(group.size, -1) ** 2).sum(dim=1)
+    return np.sort(torch.topk(score, k).indices.numpy())
 
 
 def _complete(vectors: np.ndarray, k: int) -> np.ndarray:

@@ -31,7 +31,8 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for model in results["models"]:
         for batch, summary in model["batches"].items():
             row = {"model": model["name"], "path": model["path"], "batch": int(batch), "parameters": model["parameters"],
-                   "size_bytes": model["size_bytes"], "flops_per_sample": model["flops_per_sample"]}
+                   "size_bytes": model["size_bytes"], "flops_per_sample": model["flops_per_sample"],
+                   "accuracy": (model.get("accuracy") or {}).get("value")}
             row.update(_flatten(summary))
             out.append(row)
     return out
@@ -52,9 +53,9 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines = [f"# fxcompress-bench: {len(results['models'])} models on {env['device']} "
              f"({env.get('cpu')}, {env.get('cores')} cores{', ' + env['gpu']['name'] if env.get('gpu') else ''})", "",
              "Medians over repeats, (min–max) across repeats; ratios are to the first model.", "",
-             "| model | batch | params | size MB | GFLOPs/sample | p50 ms | p99 ms | throughput /s | "
+             "| model | batch | params | size MB | accuracy | GFLOPs/sample | p50 ms | p99 ms | throughput /s | "
              "latency ratio | FLOP ratio | energy J/inf |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model in results["models"]:
         for batch, s in model["batches"].items():
             ratio = s["ratio_to_first"]
@@ -92,6 +93,17 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("latency (ms)")
     fig.tight_layout()
     written.append(_save(fig, out / "latency.png"))
+    scored = [m for m in results["models"] if m.get("accuracy")]
+    if scored:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([m["parameters"] for m in scored], [m["accuracy"]["value"] for m in scored], "o")
+        for m in scored:
+            ax.annotate(m["name"], (m["parameters"], m["accuracy"]["value"]), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(f"accuracy ({scored[0]['accuracy']['dataset']})")
+        fig.tight_layout()
+        written.append(_save(fig, out / "accuracy.png"))
     measured = [m for m in results["models"] if isinstance(m["batches"][batches[0]]["energy"].get("joules_per_inference"), dict)]
     if measured:
         fig, ax = plt.subplots(figsize=(6, 4))

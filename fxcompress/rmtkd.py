@@ -185,22 +185,13 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
                               "train it further first (RMT-KD starts from a model that passes the threshold)")
         state = _State(base, [], [], 0, 0, baseline, floor, baseline, {})
     current = state.current
-    stop = None
+    stop = state.stop  # a finished run resumes as finished
     narrowed_in_pass = any(r.narrowed and r.accepted for r in state.rounds if r.pass_index == state.pass_index)
     while stop is None:
-        if 1 - _count(current) / _count(base) >= config.target_reduction:
-            stop = "target-reached"
-            break
-        if config.max_rounds is not None and sum(r.narrowed for r in state.rounds) >= config.max_rounds:
-            stop = "max-rounds"
+        stop = _stop_before_round(current, base, state, order, narrowed_in_pass, config)
+        if stop is not None:
             break
         if state.position >= len(order):
-            if not narrowed_in_pass:
-                stop = "no-noise-left"
-                break
-            if state.pass_index + 1 >= config.max_passes:
-                stop = "max-passes"
-                break
             state.pass_index, state.position, narrowed_in_pass = state.pass_index + 1, 0, False
         groups = tuple(order[state.position: state.position + config.groups_per_round])
         record, student, optimizer_state = _round(current, groups, calib, train_data, config, state, evaluate,
@@ -214,7 +205,7 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
         elif not record.accepted:
             stop = "diverged" if record.note.startswith("diverged") else "accuracy-floor"
             warnings.warn(f"RMT-KD round {record.index} rolled back: {record.note}", stacklevel=2)
-        state.current = current
+        state.current, state.stop = current, stop
         if out is not None and rank == 0:
             state.save(out, base, config)
         _barrier()
@@ -225,6 +216,20 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
     if out is not None and rank == 0:
         write_text(out / "report.json", json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def _stop_before_round(current: GraphModule, base: GraphModule, state: "_State", order: list[str],
+                       narrowed_in_pass: bool, config: RMTKDConfig) -> str | None:
+    if 1 - _count(current) / _count(base) >= config.target_reduction:
+        return "target-reached"
+    if config.max_rounds is not None and sum(r.narrowed for r in state.rounds) >= config.max_rounds:
+        return "max-rounds"
+    if state.position >= len(order):
+        if not narrowed_in_pass:
+            return "no-noise-left"
+        if state.pass_index + 1 >= config.max_passes:
+            return "max-passes"
+    return None
 
 
 def student_step(record: Round, config: RMTKDConfig) -> dict[str, Any]:
@@ -308,13 +313,14 @@ class _State:
     floor: float
     accuracy: float  # of ``current``
     optimizer: dict[str, Any]
+    stop: str | None = None
 
     def save(self, out: Path, base: GraphModule, config: RMTKDConfig) -> None:
         payload = {
             "format": FORMAT, "fingerprint": _fingerprint(base), "config": json.dumps(config.to_dict(), sort_keys=True),
             "steps": json.dumps(self.steps), "rounds": json.dumps([dataclasses.asdict(r) for r in self.rounds]),
             "pass_index": self.pass_index, "position": self.position, "baseline": self.baseline, "floor": self.floor,
-            "accuracy": self.accuracy,
+            "accuracy": self.accuracy, "stop": self.stop or "",
             "model": self.current.state_dict(), "optimizer": self.optimizer, "rng": torch.get_rng_state(),
         }
         with atomic_path(out / CHECKPOINT) as tmp:
@@ -340,7 +346,7 @@ class _State:
         current = rebuild(base, example, steps, payload["model"]) if steps else base
         torch.set_rng_state(payload["rng"])
         return cls(current, steps, rounds, payload["pass_index"], payload["position"], payload["baseline"],
-                   payload["floor"], payload["accuracy"], payload["optimizer"])
+                   payload["floor"], payload["accuracy"], payload["optimizer"], payload["stop"] or None)
 
 
 def _fingerprint(module: nn.Module) -> str:

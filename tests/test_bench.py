@@ -101,3 +101,27 @@ def test_compare_on_cuda_uses_the_cuda_provider(pair, tmp_path):
                  "--out", str(out), *FAST]) == 0
     results = json.loads((out / "results.json").read_text())
     assert all(s["provider"] == "CUDAExecutionProvider" for m in results["models"] for s in m["batches"].values())
+
+
+def test_accuracy_on_cifar10_is_measured_and_plotted(data_root, tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    data = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    small = fxcompress.compress(model, data, CompressConfig(rule="fixed", ratio=0.5, round_to=1)).module
+    export_onnx(model, data[0], tmp_path / "a.onnx")
+    export_onnx(small, data[0], tmp_path / "b.onnx")
+    out = tmp_path / "bench"
+    assert main(["compare", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--data", "cifar10", "--out", str(out),
+                 "--batch-sizes", "4", *FAST[2:]]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for model in results["models"]:
+        assert model["accuracy"]["samples"] == 1000 and 0 <= model["accuracy"]["value"] <= 1
+    assert (out / "accuracy.png").stat().st_size > 0
+
+
+def test_an_unreadable_data_directory_exits_2(pair, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["compare", str(pair / "original.onnx"), str(pair / "compressed.onnx"), "--data", "cifar10",
+                 "--data-dir", str(tmp_path / "nowhere"), "--out", str(out), *FAST[2:]])
+    assert code == 2 and "data directory" in capsys.readouterr().err and not out.exists()

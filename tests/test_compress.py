@@ -214,3 +214,22 @@ def test_rebuild_rejects_a_state_dict_of_another_model():
         fxcompress.rebuild(model, inputs(2), [{"widths": {"nope": 3}}])
     with pytest.raises(ConfigError, match="must lie in"):
         fxcompress.rebuild(model, inputs(2), [{"widths": {"fc_in": 10_000}}])
+
+
+def test_widths_narrow_only_the_named_groups_and_magnitude_keeps_the_heaviest_channels():
+    cls, inputs = ORACLES["residual_mlp"]
+    torch.manual_seed(6)
+    model = cls().eval()
+    heavy = [3, 10, 17, 40, 41, 50, 60, 63]
+    with torch.no_grad():
+        model.blocks[0]["fc1"].weight[heavy] *= 10
+    config = CompressConfig(rule="fixed", widths={"blocks.0.fc1": 8}, transform="magnitude")
+    result = fxcompress.compress(model, [inputs(16) for _ in range(2)], config)
+    widths = {r.name: r.k for r in result.report if r.k < r.d}
+    assert widths == {"blocks.0.fc1": 8}
+    kept = result.module.state_dict()["blocks.0.fc1.weight"]
+    torch.testing.assert_close(kept, model.blocks[0]["fc1"].weight[heavy].detach())
+    with pytest.raises(ConfigError, match="not a width group"):
+        fxcompress.compress(model, [inputs(4)], CompressConfig(rule="fixed", widths={"nope": 2}))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        CompressConfig(rule="fixed", ratio=0.5, widths={"fc_in": 2})
