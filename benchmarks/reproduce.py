@@ -176,7 +176,7 @@ def run_task(task: Task, args) -> dict[str, Any]:
     latency = _latency(rows, train, out, args)
     for name, figures in latency.items():
         rows[name].update(figures)
-    return {"task": dataclasses.asdict(task), "eval_samples": n_eval, "methods": _strip(rows), "quantiles": quantiles,
+    return {"task": dataclasses.asdict(task), "eval_samples": n_eval, "methods": _strip(rows), "quantiles": _strip(quantiles),
             "rounds": [dataclasses.asdict(r) for r in rmt.rounds]}
 
 

@@ -3,6 +3,7 @@ the reproduction code cannot rot: every method runs, and the JSON, table and plo
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "reproduce.py"
@@ -12,6 +13,7 @@ def test_the_miniature_reproduction_runs_end_to_end(data_root, tmp_path, monkeyp
     monkeypatch.setenv("FXCOMPRESS_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
     reproduce = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "reproduce", reproduce)  # dataclasses look their module up there
     spec.loader.exec_module(reproduce)
     reproduce.main(["--profile", "mini", "--data-dir", str(data_root), "--out", str(tmp_path), "--markdown",
                     str(tmp_path / "RESULTS.md"), "--work", str(tmp_path / "work"), "--repeats", "1",
