@@ -90,6 +90,32 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
                         "(fxcompress.export_onnx writes them)") from None
 
 
+def to_onnx(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """``path`` itself if it is ONNX; a PyTorch program saved with ``torch.export.save``
+    (``.pt2``: its graph, weights and example inputs, no pickle) is exported to
+    ``folder/<name>.onnx`` first with :func:`fxcompress.export_onnx` (validated)."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        return path
+    if not path.is_file():
+        raise DataError(f"no such model file: {path}")
+    import torch
+
+    from fxcompress.capture import capture
+    from fxcompress.export import export_onnx
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path} is not a program saved by torch.export.save: {type(exc).__name__}: {exc}") from None
+    if program.example_inputs is None:
+        raise DataError(f"{path} holds no example inputs: export it with example inputs and save it again")
+    args, kwargs = program.example_inputs
+    target = Path(folder) / f"{path.stem}.onnx"
+    export_onnx(capture(program), kwargs if kwargs else args, target)
+    return target
+
+
 def signature(model: onnx.ModelProto) -> list[dict[str, Any]]:
     """The graph inputs (not initializers): name, element type, and dims (str when symbolic)."""
     weights = {t.name for t in model.graph.initializer}

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from fxcompress.errors import FxCompressError
 
@@ -24,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="measure two or more ONNX models side by side (the first is the reference)",
                          description="Latency, throughput, memory and energy of ONNX models, each run in fresh "
                                      "processes, alternating models over the repeats.")
-    cmp.add_argument("models", nargs="+", help="ONNX files; the first is the reference of every ratio")
+    cmp.add_argument("models", nargs="+", help="ONNX files, or PyTorch programs saved with torch.export.save (.pt2, "
+                                               "exported to ONNX first); the first is the reference of every ratio")
     cmp.add_argument("--out", required=True, help="directory for results.json, results.csv, results.md, plots")
     cmp.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
     cmp.add_argument("--repeats", type=int, default=3, help="alternating repeats per model (default 3)")
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fxcompress.bench import BenchConfig, compare
+    from fxcompress.bench import BenchConfig, compare, to_onnx
     from fxcompress.errors import ConfigError
     from fxcompress.results import write_results
 
@@ -67,9 +71,17 @@ def _compare(args: argparse.Namespace) -> int:
                          sequence_length=args.seq_len, warmup_runs=args.warmup_runs,
                          warmup_seconds=args.warmup_seconds, min_runs=args.min_runs, min_seconds=args.min_seconds,
                          max_seconds=args.max_seconds, dataset=args.data, data_dir=args.data_dir)
-    results = compare(args.models, config, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    for path in write_results(results, args.out):
-        print(path)
+    with tempfile.TemporaryDirectory() as work:
+        paths = [str(to_onnx(p, work)) for p in args.models]
+        results = compare(paths, config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        for model, original in zip(results["models"], args.models):
+            if model["path"] != original:  # exported from a .pt2: keep the ONNX beside the results
+                kept = Path(args.out) / Path(model["path"]).name
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(model["path"], kept)
+                model.update(path=str(kept), source=original)
+        for path in write_results(results, args.out):
+            print(path)
     return 0
 
 

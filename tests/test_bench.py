@@ -125,3 +125,17 @@ def test_an_unreadable_data_directory_exits_2(pair, tmp_path, capsys):
     code = main(["compare", str(pair / "original.onnx"), str(pair / "compressed.onnx"), "--data", "cifar10",
                  "--data-dir", str(tmp_path / "nowhere"), "--out", str(out), *FAST[2:]])
     assert code == 2 and "data directory" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_saved_pytorch_program_is_exported_first(pair, tmp_path):
+    cls, inputs = ORACLES["residual_mlp"]
+    torch.manual_seed(0)
+    program = torch.export.export(cls().eval(), inputs(4))
+    torch.export.save(program, tmp_path / "program.pt2")
+    out = tmp_path / "bench"
+    assert main(["compare", str(tmp_path / "program.pt2"), str(pair / "compressed.onnx"), "--out", str(out),
+                 *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    first = results["models"][0]
+    assert first["source"].endswith("program.pt2") and (out / "program.onnx").exists()
+    assert first["path"] == str(out / "program.onnx") and first["flops_per_sample"] > 0
