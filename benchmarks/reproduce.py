@@ -65,9 +65,9 @@ class Task:
 PROFILES = {
     "mini": [Task("sst2", 384, 128, 1, 1, 32, 2e-3, dict(layers=1, hidden=32, heads=2, ffn=64, max_len=32, vocab=600)),
              Task("cifar10", 384, 128, 1, 1, 32, 2e-3, dict(widths=(8, 16)))],
-    "quick": [Task("sst2", 16000, None, 3, 1, 64, 1e-3, dict(layers=2, hidden=128, heads=2, ffn=512, max_len=64,
+    "quick": [Task("sst2", 10000, None, 3, 1, 64, 1e-3, dict(layers=2, hidden=128, heads=2, ffn=512, max_len=64,
                                                             vocab=8000)),
-              Task("cifar10", 10000, None, 6, 1, 64, 2e-3, dict(widths=(32, 64, 128)))],
+              Task("cifar10", 8000, None, 6, 1, 64, 2e-3, dict(widths=(32, 64, 128)))],
     "paper": [Task("sst2", None, None, 3, 1, 32, 1e-4, dict(layers=12, hidden=768, heads=12, ffn=3072, max_len=128,
                                                             vocab=30000)),
               Task("cifar10", None, None, 30, 3, 128, 1e-3, dict(resnet50=True))],
@@ -336,14 +336,21 @@ def main(argv: list[str] | None = None) -> None:
     results = {"profile": args.profile, "machine": f"{socket.gethostname()} ({platform.machine()}, "
                                                    f"{torch.get_num_threads()} threads)",
                "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "tasks": [run_task(task, args) for task in tasks]}
-    results["seconds"] = time.perf_counter() - start
+               "tasks": []}
+    for task in tasks:  # the files are rewritten after every task, so a long run keeps what it finished
+        results["tasks"].append(run_task(task, args))
+        results["seconds"] = time.perf_counter() - start
+        write(results, args)
+    log(f"done in {results['seconds'] / 60:.1f} min")
+
+
+def write(results: dict[str, Any], args) -> None:
     out = Path(args.out)
     machine = "cuda" if torch.cuda.is_available() else "cpu"
     write_text(out / f"{args.profile}-{machine}.json", json.dumps(results, indent=2))
     write_text(Path(args.markdown), markdown(results))
     plots(results, out)
-    log(f"done in {results['seconds'] / 60:.1f} min: {out}/{args.profile}-{machine}.json, {args.markdown}")
+    log(f"wrote {out}/{args.profile}-{machine}.json and {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -295,3 +295,13 @@ def test_plot_spectrum_writes_a_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert [p.name for p in path.parent.iterdir()] == ["spectrum.png"]  # no temp file left
+
+
+@pytest.mark.parametrize("rule", ["mp-robust", "mp-hist", "gavish-donoho"])
+def test_an_effective_sample_size_below_the_rank_does_not_break_the_rules(rule):
+    """Correlated samples can give n_eff smaller than the number of non-zero eigenvalues
+    (seen on SST-2 token activations): every rule still returns a width in [0, d]."""
+    rng = np.random.default_rng(0)
+    values = np.sort(rng.chisquare(3, 128))[::-1] * np.r_[np.full(100, 50.0), np.ones(28)]
+    selection = select_rank(values, 40, rule, round_to=1)
+    assert 0 <= selection.k <= 128 and np.isfinite(selection.diagnostics.sigma2_spread)

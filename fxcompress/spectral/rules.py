@@ -66,8 +66,8 @@ class Spectrum:
         return self.nonzero[k:], d_bulk / n_bulk, n_bulk / self.n_samples
 
     def bulk_dims(self, k: int) -> tuple[int, int]:
-        """``(d - k, n - k)``: the noise dimensions and samples left beside ``k`` spikes."""
-        return self.dim_eff - k, self.n_samples - k
+        """``(d - k, n - k)``: the noise dimensions and samples left beside ``k`` spikes (≥ 1)."""
+        return max(self.dim_eff - k, 1), max(self.n_samples - k, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +120,11 @@ def robust_fixed_point(spectrum: Spectrum, alpha: float = 0.99, max_iter: int = 
     """Iterate: fit σ² on the bulk, count eigenvalues above the TW edge, drop them, refit.
 
     Returns ``(k, σ², threshold, iterations)``. ``k`` never leaves fewer than
-    :data:`MIN_BULK` eigenvalues (or a tenth of them) in the bulk.
+    :data:`MIN_BULK` eigenvalues (or a tenth of them) in the bulk, nor fewer than
+    :data:`MIN_BULK` samples (with correlated samples the effective ``n`` can be small).
     """
-    cap = max(0, spectrum.nonzero.size - max(MIN_BULK, spectrum.nonzero.size // 10))
+    m = spectrum.nonzero.size
+    cap = max(0, min(m - max(MIN_BULK, m // 10), spectrum.n_samples - MIN_BULK))
     k, seen = 0, set()
     for iteration in range(1, max_iter + 1):
         bulk, gamma, scale = spectrum.bulk(k)
