@@ -330,7 +330,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--latency", default=None, help="comma-separated methods to time (default: all)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     start = time.perf_counter()
     tasks = [t for t in PROFILES[args.profile] if args.tasks is None or t.name in args.tasks.split(",")]
     results = {"profile": args.profile, "machine": f"{socket.gethostname()} ({platform.machine()}, "

@@ -159,8 +159,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     module = rewrite(gm, plan, projections)
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
     selections = {name: sel for name, (_, sel, _) in decisions.items()}
-    return CompressResult(module, plan, report, _count(gm), _count(module), time.perf_counter() - start,
-                          config.fold_mean, selections)
+    return CompressResult(module, plan, report, num_parameters(gm), num_parameters(module),
+                          time.perf_counter() - start, config.fold_mean, selections)
 
 
 def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
@@ -247,11 +247,12 @@ def _decide(gm: GraphModule, group: WidthGroup, acc: CovarianceAccumulator, conf
     transform = _transform(group, config)
     if k >= group.size:
         return None, selection, transform
-    top = _complete(vectors, k)
     mean = torch.from_numpy(acc.mean()) if config.fold_mean else None
     if transform == "magnitude":
-        proj = dataclasses.replace(Projection.select(_largest_weights(gm, group, k), group.size), mean=mean)
-    elif transform == "selection":
+        return dataclasses.replace(Projection.select(_largest_weights(gm, group, k), group.size), mean=mean), \
+            selection, transform
+    top = _complete(vectors, k)
+    if transform == "selection":
         weighted = top * np.sqrt(np.clip(values[:k], 0, None))
         _, _, pivots = scipy.linalg.qr(weighted.T, pivoting=True, mode="economic")
         proj = Projection.select(np.sort(pivots[:k]), group.size)
@@ -303,5 +304,6 @@ def _report(group: WidthGroup, decision) -> GroupReport:
                        transform, exact, (), sel.diagnostics.warnings)
 
 
-def _count(module: torch.nn.Module) -> int:
+def num_parameters(module: torch.nn.Module) -> int:
+    """Elements of every parameter of ``module``."""
     return sum(p.numel() for p in module.parameters())

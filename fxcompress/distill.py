@@ -234,7 +234,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_data: Iterable[
                     torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
                 optimizer.step()
                 schedule.step()
-                step, last = step + 1, float(loss.detach())
+                step, last = step + 1, float(loss_value)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last:.4f}")

@@ -104,11 +104,9 @@ def _export_dynamo(module: nn.Module, args: tuple, kwargs: dict, path: Path, ops
 
 def _export_torchscript(module: nn.Module, args: tuple, kwargs: dict, path: Path, opset: int) -> None:
     names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
-    values = list(args) + list(kwargs.values())
-    axes = {}
-    for name, value in zip(names, values):
-        if isinstance(value, torch.Tensor) and value.ndim:
-            axes[name] = {0: "batch", **({1: "sequence"} if not value.is_floating_point() and value.ndim >= 2 else {})}
+    specs = dynamic_shapes(args, kwargs)  # the same dynamic axes as the dynamo path
+    specs = list(specs.values()) if isinstance(specs, dict) else list(specs or ())
+    axes = {name: {axis: f"{name}_{axis}" for axis in spec} for name, spec in zip(names, specs) if spec}
     inputs = tuple(args) + ((kwargs,) if kwargs else ())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -141,8 +139,16 @@ def validate_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLik
     raises :class:`~fxcompress.errors.ExportError` naming the output that differs."""
     ort = _onnxruntime()
     args, kwargs = as_call(example_inputs)
-    module = module.eval()
+    was_training = module.training
+    try:
+        module.eval()
+        return _validate(ort, module, args, kwargs, path, atol, rtol)
+    finally:
+        module.train(was_training)  # the caller's module keeps its mode
 
+
+def _validate(ort, module: nn.Module, args: tuple, kwargs: dict, path: str | os.PathLike, atol: float,
+              rtol: float) -> tuple[tuple[dict[str, list[int]], ...], float]:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001
@@ -158,16 +164,15 @@ def validate_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLik
             raise ExportError(f"the ONNX model takes {len(names)} inputs {names}, but the module was called with "
                               f"{len(flat)} tensors")
         feed = {n: v.detach().cpu().numpy() for n, v in zip(names, flat)}
+        shape = {n: list(v.shape) for n, v in feed.items()}
         with torch.no_grad():
             expected = [t.detach().float().cpu().numpy() for t in torch.utils._pytree.tree_leaves(
                 module(*shape_args, **shape_kwargs)) if isinstance(t, torch.Tensor)]
         try:
             got = session.run(None, feed)
         except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"ONNX Runtime cannot run the export at input shapes "
-                              f"{ {n: list(v.shape) for n, v in feed.items()} }: {str(exc).splitlines()[0][:300]} "
-                              "(an axis the export froze?)") from None
-        shape = {n: list(v.shape) for n, v in feed.items()}
+            raise ExportError(f"ONNX Runtime cannot run the export at input shapes {shape}: "
+                              f"{str(exc).splitlines()[0][:300]} (an axis the export froze?)") from None
         worst = max(worst, _compare(expected, got, [o.name for o in session.get_outputs()], shape, atol, rtol))
         checked.append(shape)
     return tuple(checked), worst

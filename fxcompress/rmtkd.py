@@ -36,7 +36,7 @@ from fxcompress.analysis import analyze_graph
 from fxcompress.atomic import atomic_path, write_text
 from fxcompress.calibrate import as_call, distributed_rank
 from fxcompress.capture import capture
-from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
+from fxcompress.compress import CompressConfig, CompressResult, compress, num_parameters, rebuild
 from fxcompress.distill import DistillConfig, TaskLoss, accuracy, distill, inputs_of
 from fxcompress.errors import ConfigError, DataError, TrainingError
 
@@ -186,21 +186,20 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
         state = _State(base, [], [], 0, 0, baseline, floor, baseline, {})
     current = state.current
     stop = state.stop  # a finished run resumes as finished
-    narrowed_in_pass = any(r.narrowed and r.accepted for r in state.rounds if r.pass_index == state.pass_index)
     while stop is None:
-        stop = _stop_before_round(current, base, state, order, narrowed_in_pass, config)
+        stop = _stop_before_round(current, base, state, order, config)
         if stop is not None:
             break
         if state.position >= len(order):
-            state.pass_index, state.position, narrowed_in_pass = state.pass_index + 1, 0, False
+            state.pass_index, state.position = state.pass_index + 1, 0
         groups = tuple(order[state.position: state.position + config.groups_per_round])
-        record, student, optimizer_state = _round(current, groups, calib, train_data, config, state, evaluate,
-                                                  task_loss, out, plots and rank == 0)
+        record, student, step, optimizer_state = _round(current, groups, calib, train_data, config, state, evaluate,
+                                                        task_loss, out, plots and rank == 0)
         state.rounds.append(record)
         state.position += len(groups)
         if record.accepted and record.narrowed:
-            current, narrowed_in_pass = student, True
-            state.steps.append(student_step(record, config))
+            current = student
+            state.steps.append(step)
             state.optimizer, state.accuracy = optimizer_state, record.accuracy
         elif not record.accepted:
             stop = "diverged" if record.note.startswith("diverged") else "accuracy-floor"
@@ -212,29 +211,24 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
         if on_round is not None:
             on_round(record)
     result = RMTKDResult(current, tuple(state.steps), tuple(state.rounds), state.baseline, state.floor, stop,
-                         _count(base), _count(current), state.accuracy, time.perf_counter() - start)
+                         num_parameters(base), num_parameters(current), state.accuracy, time.perf_counter() - start)
     if out is not None and rank == 0:
         write_text(out / "report.json", json.dumps(result.to_dict(), indent=2))
     return result
 
 
 def _stop_before_round(current: GraphModule, base: GraphModule, state: "_State", order: list[str],
-                       narrowed_in_pass: bool, config: RMTKDConfig) -> str | None:
-    if 1 - _count(current) / _count(base) >= config.target_reduction:
+                       config: RMTKDConfig) -> str | None:
+    if 1 - num_parameters(current) / num_parameters(base) >= config.target_reduction:
         return "target-reached"
     if config.max_rounds is not None and sum(r.narrowed for r in state.rounds) >= config.max_rounds:
         return "max-rounds"
     if state.position >= len(order):
-        if not narrowed_in_pass:
+        if not any(r.narrowed and r.accepted for r in state.rounds if r.pass_index == state.pass_index):
             return "no-noise-left"
         if state.pass_index + 1 >= config.max_passes:
             return "max-passes"
     return None
-
-
-def student_step(record: Round, config: RMTKDConfig) -> dict[str, Any]:
-    """The :attr:`CompressResult.step` of an accepted round."""
-    return {"widths": {g: k for g, (d, k) in record.widths.items() if k < d}, "fold_mean": config.compress.fold_mean}
 
 
 def calibration_subset(train_data: Iterable[Any], fraction: float, seed: int) -> list[Any]:
@@ -262,7 +256,8 @@ def calibration_subset(train_data: Iterable[Any], fraction: float, seed: int) ->
 # -- one round --------------------------------------------------------------------------------
 def _round(current: GraphModule, groups: tuple[str, ...], calib: list[Any], train_data: Iterable[Any],
            config: RMTKDConfig, state: "_State", evaluate: Callable[[nn.Module], float], task_loss: TaskLoss | None,
-           out: Path | None, plots: bool) -> tuple[Round, GraphModule, dict]:
+           out: Path | None, plots: bool) -> tuple[Round, GraphModule, dict[str, Any], dict]:
+    """One round: the record, the fine-tuned student, its :attr:`CompressResult.step`, the optimiser state."""
     start = time.perf_counter()
     index = len(state.rounds)
     result = compress(current, calib, dataclasses.replace(config.compress, targets=groups))
@@ -273,7 +268,7 @@ def _round(current: GraphModule, groups: tuple[str, ...], calib: list[Any], trai
                   params_before=result.params_before, params_after=result.params_after)
     if not result.compressed:
         return Round(**fields, accuracy_projected=None, accuracy=None, accepted=True,
-                     seconds=time.perf_counter() - start, note="no noise directions"), current, {}
+                     seconds=time.perf_counter() - start, note="no noise directions"), current, result.step, {}
     if plots and out is not None:
         _plot(result, out / "spectra", index)
     student = result.module
@@ -284,12 +279,12 @@ def _round(current: GraphModule, groups: tuple[str, ...], calib: list[Any], trai
         tuned = distill(student, current, train_data, tune, evaluate=None, task_loss=task_loss, log_path=log)
     except TrainingError as exc:
         return Round(**fields, accuracy_projected=projected, accuracy=None, accepted=False,
-                     seconds=time.perf_counter() - start, note=f"diverged: {exc}"), current, {}
+                     seconds=time.perf_counter() - start, note=f"diverged: {exc}"), current, result.step, {}
     score = float(evaluate(student))
     accepted = score >= state.floor
     note = "" if accepted else f"accuracy {score:.4f} < floor {state.floor:.4f}"
     return Round(**fields, accuracy_projected=projected, accuracy=score, accepted=accepted,
-                 seconds=time.perf_counter() - start, note=note), student, tuned.optimizer_state
+                 seconds=time.perf_counter() - start, note=note), student, result.step, tuned.optimizer_state
 
 
 def _plot(result: CompressResult, folder: Path, index: int) -> None:
@@ -355,9 +350,5 @@ def _fingerprint(module: nn.Module) -> str:
 
 
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed_rank()[1] > 1:
         torch.distributed.barrier()
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

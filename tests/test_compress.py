@@ -9,7 +9,7 @@ from fxcompress import CompressConfig, ConfigError, DataError, FxCompressError, 
 from fxcompress.analysis import analyze_graph
 from fxcompress.capture import capture
 from fxcompress.rewrite import rewrite
-from fxcompress.spectral.selection import MIN_BULK
+from fxcompress.spectral.selection import MIN_EIGENVALUES
 from zoo import ORACLES
 
 
@@ -82,9 +82,9 @@ def test_compress_runs_on_the_zoo(name, config):
     out, ref = result.module(*data[0]), model(*data[0])
     assert out.shape == ref.shape and torch.isfinite(out).all()
     spectral = [r for r in result.report if r.rule is not None]
-    if config.rule != "fixed":  # with fewer than MIN_BULK eigenvalues there is no noise bulk to fit
-        assert all(r.k == r.d and "too few" in r.warnings[0] for r in spectral if r.d < MIN_BULK)
-    if config.rule == "fixed" or any(r.d >= MIN_BULK for r in spectral):
+    if config.rule != "fixed":  # with fewer than MIN_EIGENVALUES eigenvalues there is no noise bulk to fit
+        assert all(r.k == r.d and "too few" in r.warnings[0] for r in spectral if r.d < MIN_EIGENVALUES)
+    if config.rule == "fixed" or any(r.d >= MIN_EIGENVALUES for r in spectral):
         assert result.params_after < result.params_before
         assert result.compressed
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched

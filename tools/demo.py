@@ -68,7 +68,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     out = Path(args.out)
     start = time.perf_counter()
 

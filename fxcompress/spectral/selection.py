@@ -40,7 +40,7 @@ SPIKE_FRACTION_LIMIT = 0.25
 SPREAD_LIMIT = 0.1
 #: With fewer non-zero eigenvalues there is no noise bulk to fit: the rules that fit one
 #: (the MP rules and Gavish–Donoho) then keep every direction that has variance.
-MIN_BULK = 16
+MIN_EIGENVALUES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,7 @@ def select_rank(
         effective = effective_samples(null)
         spectrum = dataclasses.replace(spectrum, n_samples=effective)
     checked = _check_options(rule, fn, options)
-    if rule in MP_RULES and spectrum.nonzero.size < MIN_BULK:
+    if rule in MP_RULES and spectrum.nonzero.size < MIN_EIGENVALUES:
         outcome = RuleOutcome(spectrum.nonzero.size, None, None)
         diagnostics = _too_few(spectrum, effective)
     else:
@@ -278,7 +278,7 @@ def _diagnose(spectrum: Spectrum, rule: str, sigma2: float | None, n_signal: int
 
 def _too_few(spectrum: Spectrum, effective: int | None) -> Diagnostics:
     m = spectrum.nonzero.size
-    note = (f"only {m} eigenvalues have variance, too few (< {MIN_BULK}) to fit a noise bulk: "
+    note = (f"only {m} eigenvalues have variance, too few (< {MIN_EIGENVALUES}) to fit a noise bulk: "
             "every direction with variance is kept")
     dead = spectrum.dim - spectrum.dim_eff
     return Diagnostics(math.nan, {}, math.nan, False, True, dead, effective, (note,))
