@@ -1,7 +1,7 @@
 """Reproduce the paper's comparison (Table I, Figs. 2–5) at this machine's scale, on real data.
 
-Per task (SST-2 with a BERT-style encoder, CIFAR-10 with a CNN), trained from scratch as the
-paper did, then compressed by every method at comparable budgets:
+Per task (SST-2, QNLI and QQP with a BERT-style encoder, CIFAR-10 with a CNN), trained from
+scratch as the paper did, then compressed by every method at comparable budgets:
 
 * ``rmt-mp-hist`` — RMT-KD with the paper's rule (q = 0.5); ``rmt-mp-robust`` — with ours;
 * ``pca-90/95/99`` — the same loop and KD, width = explained-variance cutoff (the PCA rule);
@@ -10,12 +10,15 @@ paper did, then compressed by every method at comparable budgets:
   from scratch with KD from the original (the DistilBERT-style baseline);
 * ``rmt-no-ft`` — the mp-hist widths, projected in one shot, no fine-tuning (ablation);
 * ``rmt-no-kd`` — RMT-KD (mp-hist) fine-tuned with α = 1: no distillation (ablation);
-* the quantile ablation (Fig. 5): one-shot mp-hist projections for q = 0.1 … 0.9.
+* the quantile ablation (Fig. 5): one-shot mp-hist projections for q = 0.1 … 0.9;
+* the per-layer spectra of the trained original with the MP fit (Fig. 2).
 
-Every accuracy comes with a 95 % confidence interval (normal approximation to the binomial
-on the evaluation set); latency is ONNX Runtime on this machine at batch 1 and 32, as ratios
-to the original model measured in the same run. Results go to
-``benchmarks/results/<profile>-<machine>.json``, ``benchmarks/RESULTS.md`` and PNG plots.
+The RMT-KD loop's accuracy floor is checked on a validation set (CIFAR-10: data_batch_5; GLUE:
+the evaluation split itself, as the paper's dev-set numbers are); every reported accuracy is on
+the evaluation set, with a 95 % confidence interval (normal approximation to the binomial).
+Latency is ONNX Runtime on this machine at batch 1 and 32, as ratios to the original model
+measured in the same run; methods that share an architecture share its measurement. Results go
+to ``benchmarks/results/<profile>-<machine>.json``, ``benchmarks/RESULTS.md`` and PNG plots.
 
     python benchmarks/reproduce.py --profile quick      # ≤ 45 min on a 2-core CPU
     python benchmarks/reproduce.py --profile paper      # the full setting, for a GPU
@@ -44,13 +47,24 @@ from fxcompress.bench import BenchConfig, compare
 from fxcompress.datasets import cifar10, encode, glue, wordpiece
 from fxcompress.distill import inputs_of
 from fxcompress.rmtkd import calibration_subset
+from fxcompress.spectral import plot_spectra
 
 HERE = Path(__file__).parent
 
 
+METHODS = ("rmt-mp-hist", "rmt-mp-robust", "pca-90", "pca-95", "pca-99", "magnitude", "rmt-no-kd", "rmt-no-ft",
+           "scratch-kd")
+QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
+GLUE = ("sst2", "qnli", "qqp")
+#: the split each task reports on, and what to call it
+EVALUATION = {"sst2": ("dev", "SST-2 dev"), "qnli": ("dev", "QNLI dev"),
+              "qqp": ("test", "QQP test (20 % of GLUE dev, seed 0; not a GLUE-dev number)"),
+              "cifar10": ("test_batch_first1000", "CIFAR-10 test (first 1,000)")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One task's scale: data sizes, model size, training and fine-tuning budgets."""
+    """One task's scale: data sizes, model size, training and fine-tuning budgets, methods."""
 
     name: str
     train_rows: int | None  # None: all
@@ -60,48 +74,70 @@ class Task:
     batch: int
     lr: float
     model: dict[str, Any]
+    tune_steps: int | None = None  # cap on the fine-tuning steps of each round
+    methods: tuple[str, ...] = METHODS  # rmt-mp-hist always runs: the others take its widths
+    quantiles: tuple[float, ...] = QUANTILES
 
 
+_SMALL_BERT = dict(layers=2, hidden=128, heads=2, ffn=512, vocab=8000)
 PROFILES = {
     "mini": [Task("sst2", 384, 128, 1, 1, 32, 2e-3, dict(layers=1, hidden=32, heads=2, ffn=64, max_len=32, vocab=600)),
+             Task("qqp", 256, 128, 1, 1, 32, 2e-3, dict(layers=1, hidden=32, heads=2, ffn=64, max_len=48, vocab=600),
+                  tune_steps=4, methods=("rmt-mp-hist", "magnitude"), quantiles=()),
              Task("cifar10", 384, 128, 1, 1, 32, 2e-3, dict(widths=(8, 16)))],
-    "quick": [Task("sst2", 10000, None, 3, 1, 64, 1e-3, dict(layers=2, hidden=128, heads=2, ffn=512, max_len=64,
-                                                            vocab=8000)),
-              Task("cifar10", 8000, None, 6, 1, 64, 2e-3, dict(widths=(32, 64, 128)))],
-    "paper": [Task("sst2", None, None, 3, 1, 32, 1e-4, dict(layers=12, hidden=768, heads=12, ffn=3072, max_len=128,
-                                                            vocab=30000)),
-              Task("cifar10", None, None, 30, 3, 128, 1e-3, dict(resnet50=True))],
+    "quick": [Task("sst2", 10000, None, 3, 1, 64, 1e-3, dict(_SMALL_BERT, max_len=64)),
+              Task("qnli", 8000, 2000, 3, 1, 64, 1e-3, dict(_SMALL_BERT, max_len=128), tune_steps=60,
+                   methods=("rmt-mp-hist", "pca-90", "magnitude", "rmt-no-ft", "scratch-kd"), quantiles=()),
+              Task("qqp", 8000, 2000, 3, 1, 64, 1e-3, dict(_SMALL_BERT, max_len=96), tune_steps=60,
+                   methods=("rmt-mp-hist", "pca-90", "magnitude", "rmt-no-ft", "scratch-kd"), quantiles=()),
+              Task("cifar10", 8000, None, 6, 1, 64, 2e-3, dict(widths=(32, 64, 128)), tune_steps=80)],
+    "paper": [Task(name, None, None, 3, 1, 32, 1e-4, dict(layers=12, hidden=768, heads=12, ffn=3072, max_len=128,
+                                                          vocab=30000)) for name in GLUE]
+             + [Task("cifar10", None, None, 30, 3, 128, 1e-3, dict(resnet50=True))],
 }
-QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 # -- data and models ---------------------------------------------------------------------------
-def sst2_data(task: Task, root: str | None, seed: int):
-    train = glue("sst2", "train", root)
+def glue_data(task: Task, root: str | None, seed: int):
+    """Tokenised (train, evaluation) batches; the tokenizer is trained on the training rows."""
+    train = glue(task.name, "train", root)
     if task.train_rows:
         train = train.subset(np.random.default_rng(seed).permutation(len(train))[: task.train_rows])
-    dev = glue("sst2", "dev", root)
-    if task.eval_rows:
-        dev = dev.subset(range(task.eval_rows))
+    evaluation = glue(task.name, EVALUATION[task.name][0], root)
+    if task.eval_rows and task.eval_rows < len(evaluation):
+        evaluation = evaluation.subset(np.random.default_rng(seed).permutation(len(evaluation))[: task.eval_rows])
     tok = wordpiece(train, task.model["vocab"])
-    return [_token_batches(encode(tok, split, task.model["max_len"]), task.batch) for split in (train, dev)], \
-        tok.get_vocab_size()
+    train, evaluation = (_token_batches(encode(tok, split, task.model["max_len"]), task.batch)
+                         for split in (train, evaluation))
+    return train, evaluation, evaluation, tok.get_vocab_size()
 
 
 def _token_batches(arrays: dict[str, np.ndarray], batch: int) -> list[dict[str, torch.Tensor]]:
+    """Batches in order, each cut to its longest row: padding to the split's longest
+    sentence would spend most of the compute on pad tokens."""
     n = len(arrays["labels"])
-    return [{k: torch.from_numpy(v[i:i + batch]) for k, v in arrays.items()} for i in range(0, n, batch)]
+    batches = []
+    for i in range(0, n, batch):
+        length = max(int(arrays["attention_mask"][i:i + batch].sum(axis=1).max()), 1)
+        batches.append({k: torch.from_numpy(v[i:i + batch] if v.ndim == 1 else v[i:i + batch, :length])
+                        for k, v in arrays.items()})
+    return batches
 
 
 def cifar_data(task: Task, root: str | None, seed: int):
+    """(train loader, validation: 1,000 images of data_batch_5, test: the 1,000 real test images)."""
     x, y = cifar10(root, ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4"])
     pick = np.random.default_rng(seed).permutation(len(x))[: task.train_rows] if task.train_rows else slice(None)
-    xt, yt = cifar10(root, ["test_batch_first1000"])
-    xt, yt = (xt[: task.eval_rows], yt[: task.eval_rows]) if task.eval_rows else (xt, yt)
     train = torch.utils.data.TensorDataset(torch.from_numpy(x[pick]), torch.from_numpy(y[pick]))
     loader = torch.utils.data.DataLoader(train, batch_size=task.batch, shuffle=True)
-    test = [(torch.from_numpy(xt[i:i + 256]), torch.from_numpy(yt[i:i + 256])) for i in range(0, len(xt), 256)]
-    return loader, test
+    xv, yv = cifar10(root, ["data_batch_5"])
+    rows = task.eval_rows or 1000
+    xt, yt = cifar10(root, ["test_batch_first1000"])
+    return loader, _image_batches(xv[:rows], yv[:rows]), _image_batches(xt[:rows], yt[:rows])
+
+
+def _image_batches(x: np.ndarray, y: np.ndarray, batch: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.from_numpy(x[i:i + batch]), torch.from_numpy(y[i:i + batch])) for i in range(0, len(x), batch)]
 
 
 def bert(task: Task, vocab: int) -> nn.Module:
@@ -131,11 +167,11 @@ def cnn(task: Task) -> nn.Module:
 # -- methods -------------------------------------------------------------------------------------
 def run_task(task: Task, args) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    if task.name == "sst2":
-        (train, evaluation), vocab = sst2_data(task, args.data_dir, args.seed)
+    if task.name in GLUE:
+        train, validation, evaluation, vocab = glue_data(task, args.data_dir, args.seed)
         model = bert(task, vocab)
     else:
-        train, evaluation = cifar_data(task, args.data_dir, args.seed)
+        train, validation, evaluation = cifar_data(task, args.data_dir, args.seed)
         model = cnn(task)
     out = Path(args.work) / task.name
     start = time.perf_counter()
@@ -144,64 +180,73 @@ def run_task(task: Task, args) -> dict[str, Any]:
                                                                     weight_decay=0.01, progress=False))
     model.eval()
     n_eval = sum(len(_labels(b)) for b in evaluation)
-    rows = {"original": _row(model, fxcompress.accuracy(model, evaluation), n_eval, time.perf_counter() - start)}
+    score = lambda module: _row(module, fxcompress.accuracy(module, evaluation), n_eval)  # noqa: E731
+    rows = {"original": score(model) | {"seconds": time.perf_counter() - start}}
     log(f"[{task.name}] original: accuracy {rows['original']['accuracy']:.4f}")
-    tune = fxcompress.DistillConfig(alpha=0.5, temperature=2.0, epochs=task.tune_epochs, lr=task.lr / 2,
-                                    progress=False)
+    tune = fxcompress.DistillConfig(alpha=0.5, temperature=2.0, epochs=task.tune_epochs, max_steps=task.tune_steps,
+                                    lr=task.lr / 2, progress=False)
 
     def loop(name: str, compress: fxcompress.CompressConfig, distill=tune, plots=False):
         t0 = time.perf_counter()
         config = fxcompress.RMTKDConfig(compress=compress, distill=distill, max_drop=args.max_drop,
                                         target_reduction=0.95, max_passes=1, seed=args.seed)
-        result = fxcompress.rmtkd(model, train, evaluation, config, out_dir=out / name, plots=plots)
-        rows[name] = _row(result.module, result.accuracy, n_eval, time.perf_counter() - t0, result.stop)
-        log(f"[{task.name}] {name}: {rows[name]['parameters']:,} parameters, accuracy {result.accuracy:.4f} "
+        result = fxcompress.rmtkd(model, train, validation, config, out_dir=out / name, plots=plots)
+        rows[name] = score(result.module) | {"seconds": time.perf_counter() - t0, "stop": result.stop}
+        log(f"[{task.name}] {name}: {rows[name]['parameters']:,} parameters, accuracy {rows[name]['accuracy']:.4f} "
             f"({result.stop})")
         return result
 
+    wanted = set(task.methods)
     rmt = loop("rmt-mp-hist", fxcompress.CompressConfig(rule="mp-hist", q=0.5), plots=True)
-    loop("rmt-mp-robust", fxcompress.CompressConfig(rule="mp-robust"))
+    if "rmt-mp-robust" in wanted:
+        loop("rmt-mp-robust", fxcompress.CompressConfig(rule="mp-robust"))
     for tau in (0.9, 0.95, 0.99):
-        loop(f"pca-{round(tau * 100)}", fxcompress.CompressConfig(rule="energy", tau=tau))
+        if f"pca-{round(tau * 100)}" in wanted:
+            loop(f"pca-{round(tau * 100)}", fxcompress.CompressConfig(rule="energy", tau=tau))
     widths = {g: k for step in rmt.steps for g, k in step["widths"].items()}
     if widths:
-        loop("magnitude", fxcompress.CompressConfig(rule="fixed", widths=widths, transform="magnitude"))
-        loop("rmt-no-kd", fxcompress.CompressConfig(rule="mp-hist", q=0.5), dataclasses.replace(tune, alpha=1.0))
-        rows["rmt-no-ft"] = _one_shot(model, train, evaluation, n_eval, fxcompress.CompressConfig(rule="fixed",
-                                                                                                  widths=widths))
-        rows["scratch-kd"] = _scratch(model, rmt, train, evaluation, n_eval, task)
-        log(f"[{task.name}] scratch-kd: accuracy {rows['scratch-kd']['accuracy']:.4f}")
-    quantiles = {str(q): _one_shot(model, train, evaluation, n_eval, fxcompress.CompressConfig(rule="mp-hist", q=q))
-                 for q in QUANTILES}
-    latency = _latency(rows, train, out, args)
-    for name, figures in latency.items():
+        if "magnitude" in wanted:
+            loop("magnitude", fxcompress.CompressConfig(rule="fixed", widths=widths, transform="magnitude"))
+        if "rmt-no-kd" in wanted:
+            loop("rmt-no-kd", fxcompress.CompressConfig(rule="mp-hist", q=0.5), dataclasses.replace(tune, alpha=1.0))
+        if "rmt-no-ft" in wanted:
+            rows["rmt-no-ft"] = score(_one_shot(model, train, fxcompress.CompressConfig(rule="fixed",
+                                                                                        widths=widths)).module)
+        if "scratch-kd" in wanted:
+            t0 = time.perf_counter()
+            rows["scratch-kd"] = score(_scratch(model, rmt, train, task)) | {"seconds": time.perf_counter() - t0}
+            log(f"[{task.name}] scratch-kd: accuracy {rows['scratch-kd']['accuracy']:.4f}")
+    spectra = _one_shot(model, train, fxcompress.CompressConfig(rule="mp-hist", q=0.5))
+    plot_spectra(spectra.selections, Path(args.out) / f"{args.profile}-{task.name}-spectra.png",
+                 title=f"{task.name}: per-layer spectra of the trained original (mp-hist, q = 0.5)")
+    quantiles = {str(q): score(_one_shot(model, train, fxcompress.CompressConfig(rule="mp-hist", q=q)).module)
+                 for q in task.quantiles}
+    for name, figures in _latency(rows, train, out, args).items():
         rows[name].update(figures)
-    return {"task": dataclasses.asdict(task), "eval_samples": n_eval, "methods": _strip(rows), "quantiles": _strip(quantiles),
-            "rounds": [dataclasses.asdict(r) for r in rmt.rounds]}
+    return {"task": dataclasses.asdict(task), "eval_samples": n_eval, "methods": _strip(rows),
+            "quantiles": _strip(quantiles), "rounds": [dataclasses.asdict(r) for r in rmt.rounds],
+            "spectra": {name: {"d": sel.dim, "k": sel.k, "sigma2": sel.sigma2, "lambda_plus": sel.lambda_plus}
+                        for name, sel in spectra.selections.items()}}
 
 
-def _row(module, accuracy: float, n: int, seconds: float, stop: str | None = None) -> dict[str, Any]:
+def _row(module, accuracy: float, n: int) -> dict[str, Any]:
     half = 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)
     return {"module": module, "parameters": sum(p.numel() for p in module.parameters()), "accuracy": accuracy,
-            "ci95": half, "seconds": seconds, "stop": stop}
+            "ci95": half, "seconds": None, "stop": None}
 
 
-def _one_shot(model, train, evaluation, n_eval: int, config: fxcompress.CompressConfig) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    calib = calibration_subset(train, 0.1, 0)
-    result = fxcompress.compress(model, calib, config)
-    return _row(result.module, fxcompress.accuracy(result.module, evaluation), n_eval, time.perf_counter() - t0)
+def _one_shot(model, train, config: fxcompress.CompressConfig) -> fxcompress.CompressResult:
+    return fxcompress.compress(model, calibration_subset(train, 0.1, 0), config)
 
 
-def _scratch(model, rmt, train, evaluation, n_eval: int, task: Task) -> dict[str, Any]:
+def _scratch(model, rmt, train, task: Task) -> nn.Module:
     """The RMT-KD architecture, re-initialised, trained from scratch with KD from the original."""
-    t0 = time.perf_counter()
     example = inputs_of(next(iter(train)))
     student = fxcompress.rebuild(model, example, list(rmt.steps))
     reinitialize(student)
     fxcompress.distill(student, model, train, fxcompress.DistillConfig(alpha=0.5, temperature=2.0, epochs=task.epochs,
                                                                        lr=task.lr, progress=False))
-    return _row(student, fxcompress.accuracy(student, evaluation), n_eval, time.perf_counter() - t0)
+    return student
 
 
 def reinitialize(module: nn.Module, std: float = 0.02) -> None:
@@ -226,25 +271,36 @@ def reinitialize(module: nn.Module, std: float = 0.02) -> None:
 
 def _latency(rows: dict, train, out: Path, args) -> dict[str, dict[str, Any]]:
     """ONNX Runtime latency of the methods' models, as ratios to the original's, in one
-    alternating run (original, method 1, method 2, … in fresh processes, each repeat)."""
+    alternating run (original, method 1, method 2, … in fresh processes, each repeat).
+    Models with the same parameter shapes are one architecture, timed once."""
     example = inputs_of(next(iter(train)))
-    names = ["original"] + [n for n in rows if n != "original" and (args.latency is None or n in args.latency.split(","))]
+    wanted = ["original"] + [n for n in rows if n != "original" and (args.latency is None or n in args.latency.split(","))]
+    timed: dict[tuple, str] = {}
+    for name in wanted:
+        timed.setdefault(_architecture(rows[name]["module"]), name)
+    names = list(timed.values())
     paths = [out / "onnx" / f"{name}.onnx" for name in names]
     for name, path in zip(names, paths):
         fxcompress.export_onnx(rows[name]["module"], example, path)
     config = BenchConfig(batch_sizes=(1, 32), repeats=args.repeats, warmup_seconds=0.5, warmup_runs=5,
                          min_runs=args.min_runs, min_seconds=args.min_seconds, max_seconds=max(args.min_seconds, 20),
                          sequence_length=64)
-    log(f"latency of {len(names)} models, batch 1 and 32, {args.repeats} alternating repeats")
+    log(f"latency of {len(names)} architectures ({len(wanted)} models), batch 1 and 32, {args.repeats} alternating "
+        "repeats")
     results = compare([str(p) for p in paths], config, progress=lambda line: None)
-    figures = {}
+    measured = {}
     for name, entry in zip(names, results["models"]):
-        figures[name] = {"size_bytes": entry["size_bytes"], "flops_per_sample": entry["flops_per_sample"],
-                         "flop_ratio": entry["batches"]["1"]["ratio_to_first"]["flops"]}
+        measured[name] = {"size_bytes": entry["size_bytes"], "flops_per_sample": entry["flops_per_sample"],
+                          "flop_ratio": entry["batches"]["1"]["ratio_to_first"]["flops"]}
         for batch, summary in entry["batches"].items():
-            figures[name][f"p50_ms_b{batch}"] = summary["latency_ms"]["p50"]["median"]
-            figures[name][f"speedup_b{batch}"] = 1 / summary["ratio_to_first"]["latency_p50"]["median"]
-    return figures
+            measured[name][f"p50_ms_b{batch}"] = summary["latency_ms"]["p50"]["median"]
+            measured[name][f"speedup_b{batch}"] = 1 / summary["ratio_to_first"]["latency_p50"]["median"]
+    return {name: measured[timed[_architecture(rows[name]["module"])]]
+            | {"timed_as": timed[_architecture(rows[name]["module"])]} for name in wanted}
+
+
+def _architecture(module: nn.Module) -> tuple:
+    return tuple(sorted(tuple(t.shape) for t in module.state_dict().values()))
 
 
 def _labels(batch):
@@ -260,11 +316,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# RMT-KD against the alternatives — profile `{results['profile']}` on {results['machine']}", "",
              f"Command: `{results['command']}` ({results['seconds'] / 60:.0f} min). Accuracy ± 95 % CI on the "
              "evaluation set; speed-up = original p50 / method p50 in ONNX Runtime (same run, alternating "
-             "processes); FLOP ratio = method / original.", ""]
+             "processes; methods with the same architecture share one measurement); FLOP ratio = method / original.",
+             ""]
+    lines += _glue_mean(results["tasks"])
     for task in results["tasks"]:
         name = task["task"]["name"]
-        evaluation = "SST-2 dev" if name == "sst2" else "CIFAR-10 test (first 1,000)"
-        lines += [f"## {name} ({evaluation}, n = {task['eval_samples']})", "",
+        lines += [f"## {name} ({EVALUATION[name][1]}, n = {task['eval_samples']})", "",
                   "| method | parameters | reduction | accuracy | p50 b1 ms | speed-up b1 | p50 b32 ms | speed-up b32 | "
                   "FLOP ratio | size MB | stop |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         base = task["methods"]["original"]["parameters"]
@@ -275,12 +332,34 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{fmt('p50_ms_b32', '.2f')} | {fmt('speedup_b32', '.2f')} | {fmt('flop_ratio', '.3f')} | "
                          f"{'—' if r.get('size_bytes') is None else format(r['size_bytes'] / 1e6, '.2f')} | "
                          f"{r.get('stop') or '—'} |")
-        lines += ["", "Quantile ablation (one-shot mp-hist projection, no fine-tuning):", "",
-                  "| q | parameters | accuracy |", "| --- | --- | --- |"]
-        lines += [f"| {q} | {r['parameters']:,} | {r['accuracy']:.4f} ± {r['ci95']:.4f} |"
-                  for q, r in task["quantiles"].items()]
-        lines.append("")
+        if task["quantiles"]:
+            lines += ["", "Quantile ablation (one-shot mp-hist projection, no fine-tuning):", "",
+                      "| q | parameters | accuracy |", "| --- | --- | --- |"]
+            lines += [f"| {q} | {r['parameters']:,} | {r['accuracy']:.4f} ± {r['ci95']:.4f} |"
+                      for q, r in task["quantiles"].items()]
+        lines += ["", f"Per-layer spectra: `{results['profile']}-{name}-spectra.png`; mp-hist keeps "
+                  + ", ".join(f"{g} {s['k']}/{s['d']}" for g, s in task["spectra"].items()) + ".", ""]
     return "\n".join(lines)
+
+
+def _glue_mean(tasks: list[dict[str, Any]]) -> list[str]:
+    """The paper's GLUE row: per method, the mean reduction and accuracy change over the GLUE
+    tasks that ran it (the paper averages SST-2, QQP and QNLI)."""
+    glue_tasks = [t for t in tasks if t["task"]["name"] in GLUE]
+    if len(glue_tasks) < 2:
+        return []
+    names = [t["task"]["name"] for t in glue_tasks]
+    lines = [f"## GLUE mean ({', '.join(names)})", "", "| method | tasks | mean reduction | mean accuracy | "
+             "mean Δ accuracy (points) |", "| --- | --- | --- | --- | --- |"]
+    for method in glue_tasks[0]["methods"]:
+        ran = [t for t in glue_tasks if method in t["methods"]]
+        if len(ran) < 2:
+            continue
+        reduction = np.mean([1 - t["methods"][method]["parameters"] / t["methods"]["original"]["parameters"] for t in ran])
+        acc = np.mean([t["methods"][method]["accuracy"] for t in ran])
+        delta = np.mean([t["methods"][method]["accuracy"] - t["methods"]["original"]["accuracy"] for t in ran])
+        lines.append(f"| {method} | {len(ran)} | {reduction:.1%} | {acc:.4f} | {100 * delta:+.1f} |")
+    return lines + [""]
 
 
 def plots(results: dict[str, Any], folder: Path) -> None:

@@ -1,5 +1,5 @@
-"""A miniature of benchmarks/reproduce.py (a few hundred SST-2 rows and CIFAR-10 images), so
-the reproduction code cannot rot: every method runs, and the JSON, table and plots appear."""
+"""A miniature of benchmarks/reproduce.py (a few hundred SST-2, QQP and CIFAR-10 rows), so the
+reproduction code cannot rot: every method runs, and the JSON, tables and plots appear."""
 
 import importlib.util
 import json
@@ -17,16 +17,22 @@ def test_the_miniature_reproduction_runs_end_to_end(data_root, tmp_path, monkeyp
     spec.loader.exec_module(reproduce)
     reproduce.main(["--profile", "mini", "--data-dir", str(data_root), "--out", str(tmp_path), "--markdown",
                     str(tmp_path / "RESULTS.md"), "--work", str(tmp_path / "work"), "--repeats", "1",
-                    "--min-runs", "3", "--min-seconds", "0", "--latency", "rmt-mp-hist"])
+                    "--min-runs", "3", "--min-seconds", "0", "--latency", "rmt-mp-hist,magnitude"])
     results = json.loads((tmp_path / "mini-cpu.json").read_text())
-    assert [t["task"]["name"] for t in results["tasks"]] == ["sst2", "cifar10"]
-    for task in results["tasks"]:
+    tasks = {t["task"]["name"]: t for t in results["tasks"]}
+    assert list(tasks) == ["sst2", "qqp", "cifar10"]
+    for name, task in tasks.items():
         methods = task["methods"]
-        assert {"original", "rmt-mp-hist", "rmt-mp-robust", "pca-90", "pca-95", "pca-99"} <= set(methods)
+        assert set(methods) == {"original", *task["task"]["methods"]}
         for row in methods.values():
             assert 0 <= row["accuracy"] <= 1 and row["ci95"] > 0 and row["parameters"] > 0
         assert methods["original"]["p50_ms_b1"] > 0 and methods["rmt-mp-hist"]["speedup_b32"] > 0
-        assert len(task["quantiles"]) == 5
+        assert methods["rmt-mp-hist"]["parameters"] < methods["original"]["parameters"]
+        assert len(task["quantiles"]) == len(task["task"]["quantiles"])
+        assert task["spectra"] and all(s["k"] <= s["d"] for s in task["spectra"].values())
+        assert (tmp_path / f"mini-{name}.png").exists() and (tmp_path / f"mini-{name}-spectra.png").exists()
+    assert len(tasks["cifar10"]["quantiles"]) == 5
+    # magnitude pruning takes RMT-KD's widths: the same architecture, timed once
+    assert tasks["qqp"]["methods"]["magnitude"]["timed_as"] == "rmt-mp-hist"
     table = (tmp_path / "RESULTS.md").read_text()
-    assert "## sst2" in table and "## cifar10" in table and "rmt-mp-hist" in table
-    assert (tmp_path / "mini-sst2.png").exists() and (tmp_path / "mini-cifar10.png").exists()
+    assert "## GLUE mean (sst2, qqp)" in table and "## cifar10" in table and "rmt-mp-hist" in table

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fxcompress import ConfigError, DataError, FxCompressError
-from fxcompress.spectral import RULES, CovarianceAccumulator, eigenvalues, plot_spectrum, select_rank
+from fxcompress.spectral import RULES, CovarianceAccumulator, eigenvalues, plot_spectra, plot_spectrum, select_rank
 from fxcompress.spectral import mp
 from simulate import ar1_tokens, spiked_eigenvalues, wishart_eigenvalues
 
@@ -295,6 +295,20 @@ def test_plot_spectrum_writes_a_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert [p.name for p in path.parent.iterdir()] == ["spectrum.png"]  # no temp file left
+
+
+def test_plot_spectra_draws_a_panel_per_group(tmp_path):
+    rng = np.random.default_rng(25)
+    selections = {f"layer{i}": select_rank(spiked_eigenvalues(rng, 128, 512, [50.0 * (i + 1)]), 512) for i in range(4)}
+    selections["narrow"] = select_rank(spiked_eigenvalues(rng, 8, 512, [20.0]), 512)  # too few to fit MP
+    assert selections["narrow"].sigma2 is None
+    path = tmp_path / "spectra.png"
+    plot_spectra(selections, path, title="four layers", columns=3)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    with pytest.raises(ConfigError, match="at least one selection"):
+        plot_spectra({}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 @pytest.mark.parametrize("rule", ["mp-robust", "mp-hist", "gavish-donoho"])

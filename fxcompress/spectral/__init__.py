@@ -5,7 +5,7 @@
   (``mp-robust``, ``mp-hist`` — the RMT-KD paper's — ``gavish-donoho``, ``energy``,
   ``fixed``, ``keep-all``);
 * :mod:`fxcompress.spectral.mp` holds the Marchenko–Pastur law and the Tracy–Widom edge;
-* :func:`plot_spectrum` draws the paper's Fig. 2 for one spectrum.
+* :func:`plot_spectrum` draws the paper's Fig. 2 for one spectrum, :func:`plot_spectra` a panel per group.
 
 Example:
     >>> import numpy as np
@@ -16,7 +16,7 @@ Example:
 """
 
 from fxcompress.spectral.covariance import CovarianceAccumulator, channel_samples
-from fxcompress.spectral.plot import plot_spectrum
+from fxcompress.spectral.plot import plot_spectra, plot_spectrum
 from fxcompress.spectral.rules import RULES, RuleOutcome, Spectrum, register_rule
 from fxcompress.spectral.selection import Diagnostics, RankSelection, eigenvalues, select_rank
 
@@ -29,6 +29,7 @@ __all__ = [
     "Spectrum",
     "channel_samples",
     "eigenvalues",
+    "plot_spectra",
     "plot_spectrum",
     "register_rule",
     "select_rank",
