@@ -185,8 +185,12 @@ def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
             size = _group_size(plan, name, number)
             if not isinstance(k, int) or not 0 < k <= size:
                 raise ConfigError(f"step {number}: group {name!r} has width {size}; k = {k!r} must lie in [1, {size}]")
+            group = plan[name]
+            if k % group.blocks:
+                raise ConfigError(f"step {number}: group {name!r} is {group.blocks} heads; k = {k} is not a multiple")
             mean = torch.zeros(size, dtype=torch.float64) if step.get("fold_mean", True) else None
-            projections[name] = dataclasses.replace(Projection.select(range(k), size), mean=mean)
+            per_head = [h * group.block_size + i for h in range(group.blocks) for i in range(k // group.blocks)]
+            projections[name] = dataclasses.replace(Projection.select(per_head, size), mean=mean)
         module = rewrite(gm, plan, projections)
     if not isinstance(module, GraphModule):
         module = capture(module, args, kwargs)
@@ -237,39 +241,67 @@ def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:
 
 
 def _decide(gm: GraphModule, group: WidthGroup, acc: CovarianceAccumulator, config: CompressConfig):
-    """One eigendecomposition per group: its eigenvalues pick k, its eigenvectors build P."""
-    values, vectors = acc.eigh()
-    options = config.rule_options(group.name)
-    if acc.null is not None and config.rule in MP_RULES:  # only the MP rules use the null
-        options["null_eigenvalues"] = acc.null.correlation_eigenvalues()
-    selection = select_rank(values, acc.dof(), config.rule, **options)
-    k = max(min(selection.k, group.size), 1)
+    """One eigendecomposition per block (per attention head; the whole group otherwise): its
+    eigenvalues pick k, its eigenvectors build that block of P. Heads share the largest k."""
     transform = _transform(group, config)
-    if k >= group.size:
+    spectra = _spectra(acc, group.blocks, vectors=transform != "magnitude", null=config.rule in MP_RULES)
+    options = config.rule_options(group.name)
+    if "k" in options:  # a width for the whole group: each head gets its share
+        options["k"] = max(options["k"] // group.blocks, 1)
+    selections = [select_rank(values, acc.dof(), config.rule, **options,
+                              **({} if null is None else {"null_eigenvalues": null}))
+                  for values, _, null in spectra]
+    selection = max(selections, key=lambda sel: sel.k)
+    k = max(min(selection.k, group.block_size), 1)
+    if k >= group.block_size:
         return None, selection, transform
     mean = torch.from_numpy(acc.mean()) if config.fold_mean else None
+    norms = _weight_norms(gm, group) if transform == "magnitude" else None
+    parts = [_block(values, vectors, k, transform, None if norms is None else norms[h * group.block_size:][:group.block_size])
+             for h, (values, vectors, _) in enumerate(spectra)]
+    return Projection(parts[0] if len(parts) == 1 else torch.block_diag(*parts), mean), selection, transform
+
+
+def _spectra(acc: CovarianceAccumulator, blocks: int, vectors: bool, null: bool) -> list[tuple]:
+    """``(eigenvalues, eigenvectors, null eigenvalues)`` of each diagonal block of the covariance."""
+    null_ok = null and acc.null is not None  # only the MP rules use the circular-shift null
+    if blocks == 1:
+        values, vecs = acc.eigh(vectors=vectors)
+        return [(values, vecs, acc.null.correlation_eigenvalues() if null_ok else None)]
+    cov = acc.covariance()
+    corr = acc.null.correlation() if null_ok else None
+    size = cov.shape[0] // blocks
+    out = []
+    for h in range(blocks):
+        part = slice(h * size, (h + 1) * size)
+        values, vecs = np.linalg.eigh(cov[part, part]) if vectors else (np.linalg.eigvalsh(cov[part, part]), None)
+        out.append((values[::-1], None if vecs is None else vecs[:, ::-1],
+                    None if corr is None else np.linalg.eigvalsh(corr[part, part])[::-1]))
+    return out
+
+
+def _block(values: np.ndarray, vectors: np.ndarray | None, k: int, transform: str,
+           norms: torch.Tensor | None) -> torch.Tensor:
+    """The ``k × d`` projection of one block, as ``transform`` builds it."""
+    d = values.shape[0]
     if transform == "magnitude":
-        return dataclasses.replace(Projection.select(_largest_weights(gm, group, k), group.size), mean=mean), \
-            selection, transform
+        return Projection.select(np.sort(torch.topk(norms, k).indices.numpy()), d).matrix
     top = _complete(vectors, k)
     if transform == "selection":
         weighted = top * np.sqrt(np.clip(values[:k], 0, None))
         _, _, pivots = scipy.linalg.qr(weighted.T, pivoting=True, mode="economic")
-        proj = Projection.select(np.sort(pivots[:k]), group.size)
-        proj = dataclasses.replace(proj, mean=mean)
-    else:
-        proj = Projection(torch.from_numpy(np.ascontiguousarray(top.T)), mean)
-    return proj, selection, transform
+        return Projection.select(np.sort(pivots[:k]), d).matrix
+    return torch.from_numpy(np.ascontiguousarray(top.T))
 
 
-def _largest_weights(gm: GraphModule, group: WidthGroup, k: int) -> np.ndarray:
-    """The ``k`` channels whose producer weights (consumer weights, if none) have the largest
-    L2 norm over all the group's parameters, in index order."""
+def _weight_norms(gm: GraphModule, group: WidthGroup) -> torch.Tensor:
+    """Per channel, the squared L2 norm of the producer weights (consumer weights, if none)
+    over all the group's parameters: the magnitude-pruning score."""
     score = torch.zeros(group.size, dtype=torch.float64)
     for use in group.producers or group.consumers:
         weight = operator.attrgetter(use.param)(gm).detach().to(torch.float64)
         score += (torch.movedim(weight, use.axis, 0).reshape(group.size, -1) ** 2).sum(dim=1)
-    return np.sort(torch.topk(score, k).indices.numpy())
+    return score
 
 
 def _complete(vectors: np.ndarray, k: int) -> np.ndarray:

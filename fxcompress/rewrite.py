@@ -9,7 +9,9 @@ For a group of width ``d`` and a ``k × d`` matrix ``P`` (orthonormal rows; a se
 * per-channel scales (LayerNorm/BatchNorm γ, running variances, depthwise kernels) become
   ``(P∘P)·v``, the diagonal of ``P·diag(v)·Pᵀ`` — exact for a selection, approximate for a
   rotation (the plan says which);
-* graph constants that name the width (reshape sizes, ``normalized_shape``) become ``k``.
+* graph constants that name the width (reshape sizes, ``normalized_shape``) become ``k``;
+* a group split into attention heads takes a block-diagonal ``P`` (every head narrowed to
+  ``k/H``); the head-dim constants of its reshapes follow, and SDPA keeps its scale.
 
 The input module is never modified: the rewrite works on a deep copy.
 """
@@ -83,7 +85,24 @@ def _check(plan: Plan, name: str, proj: Projection) -> WidthGroup:
         raise RewriteError(f"group {name!r} has width {group.size}; its projection has shape {tuple(proj.matrix.shape)}")
     if not 0 < proj.k <= group.size:
         raise RewriteError(f"group {name!r}: k = {proj.k} must lie in [1, {group.size}]")
+    if group.blocks > 1 and not _block_diagonal(proj.matrix, group.blocks):
+        raise RewriteError(f"group {name!r} is {group.blocks} heads of {group.block_size}: its projection must be "
+                           f"block-diagonal, k/{group.blocks} rows per head (got {tuple(proj.matrix.shape)})")
     return group
+
+
+def _block_diagonal(matrix: torch.Tensor, blocks: int) -> bool:
+    k, d = matrix.shape
+    if k % blocks:
+        return False
+    tiles = matrix.reshape(blocks, k // blocks, blocks, d // blocks)
+    off = ~torch.eye(blocks, dtype=torch.bool)
+    return not bool(tiles.permute(0, 2, 1, 3)[off].any())
+
+
+def block_diagonal(parts: list[torch.Tensor]) -> torch.Tensor:
+    """One ``k × d`` matrix per head → the group's ``(H·k) × (H·d)`` projection."""
+    return torch.block_diag(*parts)
 
 
 def _apply(gm: GraphModule, group: WidthGroup, proj: Projection) -> None:
@@ -178,14 +197,18 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
     axes = {}
     for name, axis in group.activations:
         axes.setdefault(name, []).append(axis)
+    new_size = {group.size: k, group.block_size: k // group.blocks}
     for node in gm.graph.nodes:
+        query = node.args[0] if node.target == aten.scaled_dot_product_attention.default else None
+        if query is not None and query.meta["val"].ndim - 1 in axes.get(query.name, ()):
+            _keep_attention_scale(node)
         if node.name not in axes or node.op != "call_function":
             continue
         if node.target in RESHAPES and isinstance(node.args[1], (list, tuple)):
             sizes = list(node.args[1])
             for axis in axes[node.name]:
-                if isinstance(sizes[axis], int) and sizes[axis] == group.size:
-                    sizes[axis] = k
+                if isinstance(sizes[axis], int) and sizes[axis] in new_size:
+                    sizes[axis] = new_size[sizes[axis]]
             node.args = (node.args[0], sizes, *node.args[2:])
         elif node.target in CONVS and arg(node, "groups", 1) == group.size > 1 and 1 in axes[node.name]:
             _set_arg(node, "groups", k)  # depthwise: one group per channel
@@ -194,6 +217,12 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
             if shape[-1] == group.size:
                 shape[-1] = k
                 node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _keep_attention_scale(node: Node) -> None:
+    """SDPA scales scores by 1/√(head dim) unless told: narrowing the query must not change that."""
+    if node.kwargs.get("scale") is None:
+        node.kwargs = {**node.kwargs, "scale": float(node.args[0].meta["val"].shape[-1]) ** -0.5}
 
 
 def _set_arg(node: Node, name: str, value: object) -> None:

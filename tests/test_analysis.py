@@ -83,10 +83,38 @@ def test_post_ln_transformer_groups():
     assert {c.param for c in stream.consumers} >= {"layers.0.q.weight", "layers.1.ffn1.weight", "classifier.weight"}
     for i in range(2):
         assert plan[f"layers.{i}.ffn1"].exact == ("selection",)
-        for head in "qkv":  # split into heads by a view: kept whole for now, and the plan says why
-            assert any("reshapes" in r for r in plan[f"layers.{i}.{head}"].frozen_by)
-        assert plan[f"layers.{i}.o.in"].frozen
+        # split into 4 heads by a view: query and key share one group (SDPA contracts them),
+        # value and the output projection another; each is 4 blocks of 8, narrowed alike
+        qk, vo = plan[f"layers.{i}.q"], plan[f"layers.{i}.v"]
+        assert (qk.size, qk.blocks, qk.block_size) == (32, 4, 8) and (vo.size, vo.blocks) == (32, 4)
+        assert [str(u) for u in qk.producers] == [f"layers.{i}.{n}.{w}[0]" for n in "qk" for w in ("weight", "bias")]
+        assert qk.consumers == () and qk.probe is not None  # probed at the query projection's output
+        assert "attention" in qk.effects and qk.exact == ()
+        assert [str(u) for u in vo.consumers] == [f"layers.{i}.o.weight[1]"]
+        assert vo.exact == ("selection", "projection")
+    assert not any(g.name.endswith(".o.in") or g.name.endswith(".k") for g in plan.groups)
     assert plan["classifier"].frozen_by == ("model output linear_12",)
+
+
+def test_a_head_split_that_does_not_divide_evenly_is_no_head_split():
+    """(…, 12) → (…, 4, 3) is a head split; (…, 12) → (…, 2, 3, 2) is a reshape that freezes."""
+
+    class Reshapes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 12), torch.nn.Linear(6, 12)
+            self.out_a, self.out_b = torch.nn.Linear(12, 2), torch.nn.Linear(12, 2)
+
+        def forward(self, x):
+            heads = self.a(x).view(x.shape[0], 4, 3).relu().reshape(x.shape[0], 12)
+            odd = self.b(x).view(x.shape[0], 2, 3, 2).relu().reshape(x.shape[0], 12)
+            return self.out_a(heads) + self.out_b(odd)
+
+    plan = analyze(Reshapes(), (torch.randn(5, 6),))
+    a = plan["a"]
+    assert not a.frozen and (a.blocks, a.block_size) == (4, 3) and a.exact == ("selection",)
+    assert [str(u) for u in a.consumers] == ["out_a.weight[1]"]
+    assert any("reshapes" in r for r in plan["b"].frozen_by)
 
 
 def test_unknown_op_names_the_node_and_op():

@@ -32,12 +32,14 @@ def test_exact_transforms_preserve_the_function(name):
     gm = capture(model, x)
     plan = analyze_graph(gm)
     projections = {}
-    for group in plan.compressible:
+    for group in plan.compressible:  # attention heads: one block per head
+        n = group.block_size
         if "projection" in group.exact:
-            q, _ = torch.linalg.qr(torch.randn(group.size, group.size, dtype=torch.float64))
-            projections[group.name] = Projection(q)
+            blocks = [torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0] for _ in range(group.blocks)]
+            projections[group.name] = Projection(torch.block_diag(*blocks))
         elif "selection" in group.exact:
-            projections[group.name] = Projection.select(torch.randperm(group.size), group.size)
+            order = torch.cat([h * n + torch.randperm(n) for h in range(group.blocks)])
+            projections[group.name] = Projection.select(order, group.size)
     assert projections  # every oracle has a group to transform
     out = rewrite(gm, plan, projections)
     assert _rel(out(*x), model(*x)) <= 1e-5
@@ -56,6 +58,38 @@ def test_projection_with_mean_folding_is_exact_on_the_signal_subspace():
     result = fxcompress.compress(model, [x], CompressConfig(rule="fixed", k=4, round_to=1, transform="projection"))
     assert [r.k for r in result.report if r.name == "0"] == [4]
     assert _rel(result.module(x), model(x)) <= 1e-9
+
+
+def _attention_model():
+    cls, inputs = ORACLES["post_ln_transformer"]
+    torch.manual_seed(4)
+    model = cls().double().eval()
+    x = inputs()
+    gm = capture(model, x)
+    return model, x, gm, analyze_graph(gm)
+
+
+def test_narrowing_query_and_key_heads_keeps_the_attention_scale():
+    """Query and key are zero on 3 of each head's 8 dims: dropping those dims leaves every
+    score the same, provided SDPA keeps its 1/√8 scale (its default would become 1/√5)."""
+    model, x, gm, plan = _attention_model()
+    group = plan["layers.0.q"]
+    with torch.no_grad():
+        for name in ("q", "k"):
+            for h in range(group.blocks):
+                model.layers[0][name].weight[h * 8 + 5:(h + 1) * 8] = 0
+                model.layers[0][name].bias[h * 8 + 5:(h + 1) * 8] = 0
+    gm = capture(model, x)
+    keep = [h * 8 + i for h in range(group.blocks) for i in range(5)]
+    out = rewrite(gm, plan, {group.name: Projection.select(keep, group.size)})
+    assert out.get_parameter("layers.0.q.weight").shape == (20, 32)
+    assert _rel(out(*x), model(*x)) <= 1e-9
+
+
+def test_a_head_group_takes_only_block_diagonal_projections():
+    _, _, gm, plan = _attention_model()
+    with pytest.raises(RewriteError, match="4 heads of 8: its projection must be block-diagonal"):
+        rewrite(gm, plan, {"layers.0.v": Projection.select(range(16), 32)})  # heads 0-1 kept whole, 2-3 dropped
 
 
 def test_keep_all_returns_the_same_function():

@@ -42,6 +42,12 @@ class WidthGroup:
     probe: str | None
     frozen_by: tuple[str, ...]
     activations: tuple[tuple[str, int], ...] = ()  # (node, axis) of every activation in the group
+    blocks: int = 1  # attention heads: the width is ``blocks`` equal blocks, each narrowed alike
+
+    @property
+    def block_size(self) -> int:
+        """The width of one block (a head's dim), ``size`` when there are no blocks."""
+        return self.size // self.blocks
 
     @property
     def probe_axis(self) -> int | None:
@@ -95,6 +101,7 @@ class Plan:
         lines = [f"Plan: {len(self.groups)} width groups, {len(self.compressible)} compressible"]
         for g in self.groups:
             status = f"frozen: {'; '.join(g.frozen_by)}" if g.frozen else f"exact: {', '.join(g.exact) or 'none (approximate)'}"
-            lines.append(f"  {g.name:40s} d={g.size:<6d} {len(g.producers)} producers, {len(g.consumers)} consumers, "
+            width = f"{g.size}" if g.blocks == 1 else f"{g.size} ({g.blocks}×{g.block_size})"
+            lines.append(f"  {g.name:40s} d={width:<10s} {len(g.producers)} producers, {len(g.consumers)} consumers, "
                          f"{len(g.channels)} per-channel; probe {g.probe}; {status}")
         return "\n".join(lines)

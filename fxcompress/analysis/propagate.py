@@ -36,6 +36,7 @@ class Context:
         self.frozen: dict[DimKey, list[str]] = defaultdict(list)
         self.uses: list[tuple[DimKey, Use, str | None]] = []
         self.splits: dict[str, tuple[Node, int]] = {}
+        self.blocks: list[tuple[DimKey, int]] = []  # a feature axis split into (blocks, size / blocks)
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -145,7 +146,7 @@ class Context:
         self.record(self.dim(x, x_axis), weight, w_axis, "consumer", node, x)
 
     def produce(self, node: Node, axis: int, weight: Node, w_axis: int, bias: Any) -> None:
-        self.record(self.dim(node, axis), weight, w_axis, "producer", node, None)
+        self.record(self.dim(node, axis), weight, w_axis, "producer", node, node)
         if isinstance(bias, Node):
             self.record(self.dim(node, axis), bias, 0, "producer", node, None)
 
@@ -159,8 +160,11 @@ class Context:
 
     # -- reshapes and splits ---------------------------------------------------------------
     def match_reshape(self, x: Node, node: Node) -> None:
-        """Tie input and output axes that a view maps one to one; freeze those it merges or splits."""
+        """Tie input and output axes that a view maps one to one; freeze those it merges or splits,
+        except a last axis split into heads (or merged from them), as attention does."""
         a_shape, b_shape = self.shape(x), self.shape(node)
+        if self._split_heads(x, node, a_shape, b_shape, node) or self._split_heads(node, x, b_shape, a_shape, node):
+            return
         tail = 0  # axes equal from the right map one to one (the feature axis of a (B·S, d) view)
         while tail < min(len(a_shape), len(b_shape)) and a_shape[-1 - tail] == b_shape[-1 - tail] != 1:
             self.tie(self.dim(x, len(a_shape) - 1 - tail), self.dim(node, len(b_shape) - 1 - tail))
@@ -177,6 +181,19 @@ class Context:
                 i, j = i + 1, j + 1
             else:
                 i, j = self._freeze_block(x, node, a_shape, b_shape, i, j)
+
+    def _split_heads(self, whole: Node, split: Node, a: tuple, b: tuple, at: Node) -> bool:
+        """``(…, H·h) ↔ (…, H, h)``: the last axes are one width group of ``H`` blocks (the
+        rewrite keeps the block structure, so every head narrows alike); the head count stays."""
+        if not (len(b) == len(a) + 1 >= 3 and a[:-1] == b[:-2] and all(isinstance(v, int) for v in (a[-1], *b[-2:]))
+                and b[-2] > 1 and b[-1] > 1 and a[-1] == b[-2] * b[-1]):
+            return False
+        for axis in range(len(a) - 1):
+            self.tie(self.dim(whole, axis), self.dim(split, axis))
+        self.tie(self.dim(whole, -1), self.dim(split, -1))
+        self.blocks.append((self.dim(whole, -1), b[-2]))
+        self.freeze(self.dim(split, -2), f"{at.name} splits heads: the number of heads stays")
+        return True
 
     def _freeze_block(self, x: Node, node: Node, a: tuple, b: tuple, i: int, j: int) -> tuple[int, int]:
         """Freeze the run of axes whose products match (a merge or a split); return where it ends."""
@@ -280,25 +297,45 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     by_root: dict[DimKey, list[tuple[Use, str | None]]] = defaultdict(list)
     for key, use, activation in ctx.uses:
         by_root[ctx.find(key)].append((use, activation))
-    groups = [_group(ctx, root, uses, members[root], order)
+    blocks: dict[DimKey, set[int]] = defaultdict(set)
+    for key, count in ctx.blocks:
+        blocks[ctx.find(key)].add(count)
+    groups = [_group(ctx, root, uses, members[root], order, blocks.get(root, set()))
               for root, uses in by_root.items() if any(u.role != "channel" for u, _ in uses)]
     groups.sort(key=lambda g: g[0])
     return Plan(tuple(_unique_names([g for _, g in groups])))
 
 
-def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: dict[str, int]) -> tuple[int, WidthGroup]:
+def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: dict[str, int],
+           blocks: set[int]) -> tuple[int, WidthGroup]:
     by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
     effects = sorted({e for k in keys for e, _ in ctx.effects.get(k, [])})
     passthrough = tuple(sorted({n for k in keys for _, n in ctx.effects.get(k, [])}, key=lambda n: order.get(n, 0)))
     frozen = tuple(dict.fromkeys(r for k in keys for r in ctx.frozen.get(k, [])))
-    probes = [a for u, a in uses if u.role == "consumer" and a is not None]
+    # the activation entering the first consumer; without consumers (attention's query and
+    # key), the first producer's output
+    probes = [a for u, a in uses if u.role == "consumer" and a is not None] or \
+        [a for u, a in uses if u.role == "producer" and a is not None]
     probe = min(probes, key=lambda n: order[n]) if probes else None
     first = min(order.get(u.node, 0) for u, _ in uses)
-    size = _key_size(ctx, root)
+    size, count, mixed = _sizes(ctx, keys, blocks)
+    if mixed:
+        frozen += (mixed,)
     name = _name(by_role)
     activations = tuple(sorted((k for k in keys if not k[0].startswith("param:")), key=lambda k: (order.get(k[0], 0), k[1])))
     return first, WidthGroup(name, size, by_role["producer"], by_role["consumer"], by_role["channel"],
-                             passthrough, tuple(effects), probe, frozen, activations)
+                             passthrough, tuple(effects), probe, frozen, activations, count)
+
+
+def _sizes(ctx: Context, keys: list[DimKey], blocks: set[int]) -> tuple[int, int, str | None]:
+    """The group's width, its number of blocks, and why it is frozen if its sizes disagree."""
+    sizes = {s for s in (_key_size(ctx, k) for k in keys) if s > 0}
+    size = max(sizes, default=-1)
+    if len(sizes) <= 1:
+        return size, 1, None
+    if len(blocks) == 1 and sizes == {size, size // next(iter(blocks))}:
+        return size, next(iter(blocks)), None
+    return size, 1, f"its axes have sizes {sorted(sizes)} that no head split explains"
 
 
 def _key_size(ctx: Context, key: DimKey) -> int:
