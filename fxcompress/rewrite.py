@@ -64,14 +64,29 @@ class Projection:
 def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection]) -> GraphModule:
     """A copy of ``gm`` with every group in ``projections`` narrowed to its projection's ``k``."""
     out = copy.deepcopy(gm)
+    slices = _Slices()
     for name, proj in projections.items():
         group = _check(plan, name, proj)
         if proj.k == group.size and proj.mean is None and torch.equal(proj.matrix, torch.eye(group.size, dtype=proj.matrix.dtype)):
             continue
-        _apply(out, group, proj)
+        _apply(out, group, proj, slices)
     out.graph.lint()
     out.recompile()
     return out
+
+
+class _Slices:
+    """Where a group's slice of a concatenation's consumer lies now that earlier groups in the
+    same axis may have narrowed theirs."""
+
+    def __init__(self):
+        self.changes: dict[tuple[str, int], list[tuple[int, int]]] = {}
+
+    def offset(self, use: Use) -> int:
+        return use.offset + sum(delta for start, delta in self.changes.get((use.param, use.axis), []) if start < use.offset)
+
+    def narrowed(self, use: Use, k: int) -> None:
+        self.changes.setdefault((use.param, use.axis), []).append((use.offset, k - use.length))
 
 
 def _check(plan: Plan, name: str, proj: Projection) -> WidthGroup:
@@ -105,20 +120,25 @@ def block_diagonal(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.block_diag(*parts)
 
 
-def _apply(gm: GraphModule, group: WidthGroup, proj: Projection) -> None:
+def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices) -> None:
     p = proj.matrix.to(torch.float64)
-    producers = {(u.param, u.axis) for u in group.producers}
+    producers = {(u.param, u.axis, u.offset) for u in group.producers}
     if proj.mean is not None:
         for use in group.consumers:
-            if (use.param, use.axis) not in producers:
-                _fold_mean(gm, use, p, proj.mean.to(torch.float64))
-    done: set[tuple[str, int]] = set()
-    for use in (*group.producers, *_added_biases(gm, group), *group.consumers):
-        if (use.param, use.axis) not in done:
-            done.add((use.param, use.axis))
-            _set(gm, use.param, _along(_get(gm, use.param), p, use.axis))
-    for use in group.channels:
-        _narrow_channel(gm, use, p)
+            if (use.param, use.axis, use.offset) not in producers:
+                _fold_mean(gm, use, p, proj.mean.to(torch.float64), slices.offset(use))
+    done: set[tuple[str, int, int]] = set()
+    for use in (*group.producers, *_added_biases(gm, group), *group.consumers, *group.channels):
+        if (use.param, use.axis, use.offset) in done:
+            continue
+        done.add((use.param, use.axis, use.offset))
+        start = slices.offset(use)
+        if use.role == "channel":
+            _narrow_channel(gm, use, p, start)
+        else:
+            _set(gm, use.param, _along(_get(gm, use.param), p, use.axis, start, use.length))
+        if use.length is not None:
+            slices.narrowed(use, proj.k)
     _rewrite_constants(gm, group, proj.k)
 
 
@@ -141,35 +161,42 @@ def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
     return extra
 
 
-def _along(t: torch.Tensor, p: torch.Tensor, axis: int) -> torch.Tensor:
-    """Contract axis ``axis`` of ``t`` with ``P``'s columns (float64 math, original dtype out)."""
-    moved = torch.movedim(t.detach().to(torch.float64), axis, -1) @ p.T
+def _along(t: torch.Tensor, p: torch.Tensor, axis: int, start: int = 0, length: int | None = None) -> torch.Tensor:
+    """Contract axis ``axis`` of ``t`` with ``P``'s columns (float64 math, original dtype out);
+    with ``length``, only the slice ``[start, start + length)`` of the axis (a concatenation's part)."""
+    moved = torch.movedim(t.detach().to(torch.float64), axis, -1)
+    if length is None:
+        moved = moved @ p.T
+    else:
+        moved = torch.cat([moved[..., :start], moved[..., start:start + length] @ p.T, moved[..., start + length:]], -1)
     return torch.movedim(moved, -1, axis).to(t.dtype).contiguous()
 
 
-def _narrow_channel(gm: GraphModule, use: Use, p: torch.Tensor) -> None:
+def _narrow_channel(gm: GraphModule, use: Use, p: torch.Tensor, start: int) -> None:
     target = _resolve(gm, use.param)
     if isinstance(target, nn.modules.batchnorm._BatchNorm):
-        _narrow_batch_norm(target, p)
+        _narrow_batch_norm(target, p, start, use.length)
     else:
-        _set(gm, use.param, _along(target, p * p, use.axis))
+        _set(gm, use.param, _along(target, p * p, use.axis, start, use.length))
 
 
-def _narrow_batch_norm(bn: nn.modules.batchnorm._BatchNorm, p: torch.Tensor) -> None:
+def _narrow_batch_norm(bn: nn.modules.batchnorm._BatchNorm, p: torch.Tensor, start: int, length: int | None) -> None:
     for name, matrix in (("weight", p * p), ("bias", p), ("running_mean", p), ("running_var", p * p)):
         tensor = getattr(bn, name, None)
         if tensor is not None:
-            new = _along(tensor, matrix, 0)
+            new = _along(tensor, matrix, 0, start, length)
             setattr(bn, name, nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new)
-    bn.num_features = p.shape[0]
+    bn.num_features = bn.num_features - p.shape[1] + p.shape[0]
 
 
-def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor) -> None:
+def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor, start: int) -> None:
     """``b ← b + W(I − PᵀP)μ`` for a linear or convolution consumer (adds a bias if it had none)."""
     node = next(n for n in gm.graph.nodes if n.name == use.node)
     weight = _get(gm, use.param).detach().to(torch.float64)
     lost = mean - p.T @ (p @ mean)
     moved = torch.movedim(weight, use.axis, -1)
+    if use.length is not None:
+        moved = moved[..., start:start + use.length]
     shift = (moved @ lost).reshape(moved.shape[0], -1).sum(dim=1)  # sums kernel taps (interior pixels)
     bias = _bias_of(node)
     if isinstance(bias, Node):
@@ -198,6 +225,7 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
     for name, axis in group.activations:
         axes.setdefault(name, []).append(axis)
     new_size = {group.size: k, group.block_size: k // group.blocks}
+    _shrink_containers(gm, group, group.size - k)
     for node in gm.graph.nodes:
         query = node.args[0] if node.target == aten.scaled_dot_product_attention.default else None
         if query is not None and query.meta["val"].ndim - 1 in axes.get(query.name, ()):
@@ -217,6 +245,27 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
             if shape[-1] == group.size:
                 shape[-1] = k
                 node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _shrink_containers(gm: GraphModule, group: WidthGroup, delta: int) -> None:
+    """Concatenations the group lies in are ``delta`` narrower: so are the constants naming them."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, axis in group.containers:
+        node = nodes.get(name)
+        if node is None or node.op != "call_function":
+            continue
+        if node.target in RESHAPES and isinstance(node.args[1], (list, tuple)):
+            sizes = list(node.args[1])
+            if isinstance(sizes[axis], int) and sizes[axis] > 0:
+                sizes[axis] -= delta
+                node.args = (node.args[0], sizes, *node.args[2:])
+        elif node.target in CONVS and axis == 1 and arg(node, "groups", 1) > 1:
+            _set_arg(node, "groups", arg(node, "groups") - delta)  # depthwise over a concatenation
+        elif node.target in (aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default) \
+                and axis == node.meta["val"].ndim - 1:
+            shape = list(node.args[1])
+            shape[-1] -= delta
+            node.args = (node.args[0], shape, *node.args[2:])
 
 
 def _keep_attention_scale(node: Node) -> None:

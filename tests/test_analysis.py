@@ -28,13 +28,24 @@ EXPECTED = {
         "conv1": (12, ["conv1.weight[0]"], ["conv2.weight[1]"], ["bn1[0]"], ("selection",)),
         "fc": (10, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
-    "concat": {
+    "concat": {  # each input of the concatenation is its own group; the mixer reads each in a slice
         "a.in": (3, [], ["a.weight[1]", "b.weight[1]"], [], FROZEN),
-        "a": (4, ["a.weight[0]", "a.bias[0]"], [], [], FROZEN),
-        "b": (6, ["b.weight[0]", "b.bias[0]"], [], [], FROZEN),
-        "mix.in": (10, [], ["mix.weight[1]"], [], FROZEN),
+        "a": (4, ["a.weight[0]", "a.bias[0]"], ["mix.weight[1][0:4]"], [], ("selection",)),
+        "b": (6, ["b.weight[0]", "b.bias[0]"], ["mix.weight[1][4:10]"], [], ("selection",)),
         "mix": (5, ["mix.weight[0]", "mix.bias[0]"], ["fc.weight[1]"], [], ("selection", "projection")),
         "fc": (2, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
+    },
+    "dense_block": {
+        "stem.in": (3, [], ["stem.weight[1]"], [], FROZEN),
+        "stem": (8, ["stem.weight[0]", "stem.bias[0]"],
+                 ["conv1.weight[1]", "conv2.weight[1][0:8]", "transition.weight[1][0:8]"],
+                 ["bn1[0]", "bn2[0][0:8]", "bn3[0][0:8]"], ("selection",)),
+        "conv1": (4, ["conv1.weight[0]", "conv1.bias[0]"], ["conv2.weight[1][8:12]", "transition.weight[1][8:12]"],
+                  ["bn2[0][8:12]", "bn3[0][8:12]"], ("selection",)),
+        "conv2": (4, ["conv2.weight[0]", "conv2.bias[0]"], ["transition.weight[1][12:16]"], ["bn3[0][12:16]"],
+                  ("selection",)),
+        "transition": (6, ["transition.weight[0]", "transition.bias[0]"], ["fc.weight[1]"], [], ("selection", "projection")),
+        "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
     "depthwise": {
         "expand.in": (3, [], ["expand.weight[1]"], [], FROZEN),

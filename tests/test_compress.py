@@ -86,6 +86,30 @@ def test_narrowing_query_and_key_heads_keeps_the_attention_scale():
     assert _rel(out(*x), model(*x)) <= 1e-9
 
 
+def test_narrowing_the_parts_of_nested_concatenations_is_exact_on_dead_channels():
+    """Channels the stem and conv1 never use (zero weights; BatchNorm at its defaults keeps
+    zero at zero) can go: every later layer reads the concatenations in slices that move as
+    the parts before them narrow."""
+    cls, inputs = ORACLES["dense_block"]
+    torch.manual_seed(5)
+    model = cls().double().eval()
+    with torch.no_grad():
+        for conv, dead in ((model.stem, [1, 6]), (model.conv1, [2])):
+            conv.weight[dead] = 0
+            conv.bias[dead] = 0
+    x = _double(inputs())
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    keep = {"conv1": [0, 1, 3], "stem": [0, 2, 3, 4, 5, 7]}  # the later part first: offsets must still line up
+    out = rewrite(gm, plan, {name: Projection.select(k, plan[name].size) for name, k in keep.items()})
+    assert out.get_parameter("transition.weight").shape == (6, 13, 1, 1)
+    assert out.get_parameter("conv2.weight").shape == (4, 9, 3, 3)
+    assert out.get_submodule("bn3").running_mean.shape == (13,) and out.get_submodule("bn3").num_features == 13
+    assert _rel(out(*x), model(*x)) <= 1e-9
+    rebuilt = fxcompress.rebuild(model, x, [{"widths": {"conv1": 3, "stem": 6}, "fold_mean": False}], out.state_dict())
+    assert _rel(rebuilt(*x), model(*x)) <= 1e-9
+
+
 def test_a_head_group_takes_only_block_diagonal_projections():
     _, _, gm, plan = _attention_model()
     with pytest.raises(RewriteError, match="4 heads of 8: its projection must be block-diagonal"):

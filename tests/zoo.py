@@ -47,6 +47,26 @@ class Concat(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+class DenseBlock(nn.Module):
+    """DenseNet's layout: every layer reads the concatenation of all earlier features
+    through BatchNorm and ReLU, and a transition reads them all."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(12), nn.Conv2d(12, 4, 3, padding=1)
+        self.bn3, self.transition = nn.BatchNorm2d(16), nn.Conv2d(16, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        f1 = self.conv1(F.relu(self.bn1(x0)))
+        f2 = self.conv2(F.relu(self.bn2(torch.cat([x0, f1], 1))))
+        h = self.transition(F.relu(self.bn3(torch.cat([torch.cat([x0, f1], 1), f2], 1))))  # nested
+        return self.fc(h.mean(dim=(2, 3)))
+
+
 class Depthwise(nn.Module):
     def __init__(self):
         super().__init__()
@@ -118,6 +138,7 @@ ORACLES = {
     "residual_mlp": (ResidualMLP, lambda batch=3: (torch.randn(batch, 16),)),
     "conv_bn_residual": (ConvBNResidual, image),
     "concat": (Concat, image),
+    "dense_block": (DenseBlock, image),
     "depthwise": (Depthwise, image),
     "post_ln_transformer": (PostLNTransformer, tokens),
     "tied_embeddings": (TiedLM, tokens),

@@ -282,16 +282,15 @@ def slice_(ctx, node: Node) -> None:
 
 @op_rule(*_overloads("cat"))
 def cat(ctx, node: Node) -> None:
-    tensors = node.args[0]
+    """The output's axis is the inputs' axes end to end: each input stays its own group, and
+    the output's consumers read each one in a slice."""
+    tensors = [t for t in node.args[0] if ctx.ndim(t) == ctx.ndim(node)]
     axis = arg(node, "dim", 0) % ctx.ndim(node)
     for t in tensors:
         for a in range(ctx.ndim(node)):
             if a != axis:
                 ctx.tie(ctx.dim(t, a), ctx.dim(node, a))
-    reason = f"concatenated by {node.name} (segment-wise compression is not supported yet)"
-    ctx.freeze(ctx.dim(node, axis), reason)
-    for t in tensors:
-        ctx.freeze(ctx.dim(t, axis), reason)
+    ctx.concatenate(node, axis, tensors)
 
 
 @op_rule(*_overloads("split.Tensor", "split_with_sizes", "chunk", "unbind.int"))

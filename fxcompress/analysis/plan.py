@@ -23,9 +23,12 @@ class Use:
     axis: int
     role: str  # "producer" (writes the dim: W ← P·W), "consumer" (reads it: W ← W·Pᵀ), "channel" (per-channel vector)
     node: str  # the graph node that uses it
+    offset: int = 0  # a concatenation's consumers read the group in a slice of their axis
+    length: int | None = None  # None: the whole axis
 
     def __str__(self) -> str:
-        return f"{self.param}[{self.axis}]"
+        where = "" if self.length is None else f"[{self.offset}:{self.offset + self.length}]"
+        return f"{self.param}[{self.axis}]{where}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,8 @@ class WidthGroup:
     frozen_by: tuple[str, ...]
     activations: tuple[tuple[str, int], ...] = ()  # (node, axis) of every activation in the group
     blocks: int = 1  # attention heads: the width is ``blocks`` equal blocks, each narrowed alike
+    # (node, axis) of the concatenated activations the group lies in, once per time it lies there
+    containers: tuple[tuple[str, int], ...] = ()
 
     @property
     def block_size(self) -> int:

@@ -37,6 +37,7 @@ class Context:
         self.uses: list[tuple[DimKey, Use, str | None]] = []
         self.splits: dict[str, tuple[Node, int]] = {}
         self.blocks: list[tuple[DimKey, int]] = []  # a feature axis split into (blocks, size / blocks)
+        self.segments: list[tuple[DimKey, list[tuple[DimKey, int, str]], str]] = []  # whole, parts, cat node
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -217,6 +218,16 @@ class Context:
             self.freeze(self.dim(node, k), reason)
         return i, j
 
+    def concatenate(self, node: Node, axis: int, parts: list[Node]) -> None:
+        sizes = [self.size(t, axis) for t in parts]
+        if len(parts) != len(node.args[0]) or not all(isinstance(size, int) for size in sizes):
+            reason = f"concatenated by {node.name} along an axis of unknown size"
+            for key in (self.dim(node, axis), *(self.dim(t, axis) for t in parts)):
+                self.freeze(key, reason)
+            return
+        self.segments.append((self.dim(node, axis), [(self.dim(t, axis), size, t.name) for t, size in zip(parts, sizes)],
+                              node.name))
+
     def record_split(self, node: Node, x: Node, axis: int) -> None:
         self.splits[node.name] = (x, axis)
 
@@ -291,6 +302,7 @@ def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
 
 
 def _collect(ctx: Context, order: dict[str, int]) -> Plan:
+    containers = _distribute_concatenations(ctx)
     members: dict[DimKey, list[DimKey]] = defaultdict(list)
     for key in list(ctx.parent):
         members[ctx.find(key)].append(key)
@@ -300,14 +312,71 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     blocks: dict[DimKey, set[int]] = defaultdict(set)
     for key, count in ctx.blocks:
         blocks[ctx.find(key)].add(count)
-    groups = [_group(ctx, root, uses, members[root], order, blocks.get(root, set()))
-              for root, uses in by_root.items() if any(u.role != "channel" for u, _ in uses)]
+    wholes = {ctx.find(whole) for whole, _, _ in ctx.segments}
+    groups = [_group(ctx, root, uses, members[root], order, blocks.get(root, set()), containers.get(root, []))
+              for root, uses in by_root.items() if root not in wholes and any(u.role != "channel" for u, _ in uses)]
     groups.sort(key=lambda g: g[0])
     return Plan(tuple(_unique_names([g for _, g in groups])))
 
 
+def _distribute_concatenations(ctx: Context) -> dict[DimKey, list[tuple[str, int]]]:
+    """Hand each concatenation's parameters, effects and freezes to its parts, as slices.
+
+    A concatenated axis is no group of its own: each part is narrowed by itself, and the
+    consumers of the whole take it in the slice where it lies (nested concatenations are
+    flattened). Returns, per part, the activations of the wholes it lies in.
+    """
+    cuts: dict[DimKey, tuple[list[tuple[DimKey, int, str]], str]] = {}
+    split_into_heads = {ctx.find(key) for key, _ in ctx.blocks}
+    for whole, parts, node in ctx.segments:
+        root = ctx.find(whole)
+        if root in split_into_heads:
+            ctx.freeze(root, f"{node}'s output is split into heads")
+        if root in cuts and [size for _, size, _ in cuts[root][0]] != [size for _, size, _ in parts]:
+            ctx.freeze(root, f"{node} and {cuts[root][1]} concatenate one axis in different ways")
+        cuts.setdefault(root, (parts, node))
+    members: dict[DimKey, list[DimKey]] = defaultdict(list)
+    for key in list(ctx.parent):
+        members[ctx.find(key)].append(key)
+    uses_of: dict[DimKey, list[tuple[Use, str | None]]] = defaultdict(list)
+    for key, use, _ in ctx.uses:
+        uses_of[ctx.find(key)].append((key, use))
+    containers: dict[DimKey, list[tuple[str, int]]] = defaultdict(list)
+    for root, (_, node) in cuts.items():
+        leaves = _leaves(ctx, root, cuts, ())
+        if leaves is None:
+            ctx.freeze(root, f"{node} concatenates an axis with itself")
+            leaves = []
+        frozen = [r for k in members[root] for r in ctx.frozen.get(k, [])]
+        effects = [e for k in members[root] for e in ctx.effects.get(k, [])]
+        activations = [k for k in members[root] if not k[0].startswith("param:")]
+        for part, offset, length, tensor in leaves:
+            for _, use in uses_of[root]:  # a consumer of the whole is probed where the part enters it
+                ctx.uses.append((part, dataclasses.replace(use, offset=use.offset + offset, length=length),
+                                 tensor if use.role == "consumer" else None))
+            ctx.effects[part].extend(effects)
+            ctx.frozen[part].extend(f"lies in {node}'s output, which is frozen: {r}" for r in dict.fromkeys(frozen))
+            containers[part].extend(activations)
+    return containers
+
+
+def _leaves(ctx: Context, root: DimKey, cuts: dict, seen: tuple) -> list[tuple[DimKey, int, int, str]] | None:
+    """The innermost parts of a concatenated axis: offset, length and the tensor concatenated."""
+    if root in seen:
+        return None
+    out, offset = [], 0
+    for key, size, tensor in cuts[root][0]:
+        part = ctx.find(key)
+        inner = _leaves(ctx, part, cuts, (*seen, root)) if part in cuts else [(part, 0, size, tensor)]
+        if inner is None:
+            return None
+        out += [(leaf, offset + start, length, name) for leaf, start, length, name in inner]
+        offset += size
+    return out
+
+
 def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: dict[str, int],
-           blocks: set[int]) -> tuple[int, WidthGroup]:
+           blocks: set[int], containers: list[DimKey]) -> tuple[int, WidthGroup]:
     by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
     effects = sorted({e for k in keys for e, _ in ctx.effects.get(k, [])})
     passthrough = tuple(sorted({n for k in keys for _, n in ctx.effects.get(k, [])}, key=lambda n: order.get(n, 0)))
@@ -324,7 +393,8 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     name = _name(by_role)
     activations = tuple(sorted((k for k in keys if not k[0].startswith("param:")), key=lambda k: (order.get(k[0], 0), k[1])))
     return first, WidthGroup(name, size, by_role["producer"], by_role["consumer"], by_role["channel"],
-                             passthrough, tuple(effects), probe, frozen, activations, count)
+                             passthrough, tuple(effects), probe, frozen, activations, count,
+                             tuple(containers))
 
 
 def _sizes(ctx: Context, keys: list[DimKey], blocks: set[int]) -> tuple[int, int, str | None]:
