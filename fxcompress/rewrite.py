@@ -226,6 +226,7 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
         axes.setdefault(name, []).append(axis)
     new_size = {group.size: k, group.block_size: k // group.blocks}
     _shrink_containers(gm, group, group.size - k)
+    _resize_splits(gm, group, k)
     for node in gm.graph.nodes:
         query = node.args[0] if node.target == aten.scaled_dot_product_attention.default else None
         if query is not None and query.meta["val"].ndim - 1 in axes.get(query.name, ()):
@@ -266,6 +267,21 @@ def _shrink_containers(gm: GraphModule, group: WidthGroup, delta: int) -> None:
             shape = list(node.args[1])
             shape[-1] -= delta
             node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _resize_splits(gm: GraphModule, group: WidthGroup, k: int) -> None:
+    """A split whose output narrows becomes ``split_with_sizes`` with that part's size ``k``."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, index in group.splits:
+        node = nodes[name]
+        x, dim = node.args[0], arg(node, "dim", 0)
+        if node.target == aten.split_with_sizes.default:
+            sizes = list(node.args[1])
+        else:
+            sizes = [int(v.shape[dim]) for v in node.meta["val"]]
+        sizes[index] = k
+        node.target = aten.split_with_sizes.default
+        node.args, node.kwargs = (x, sizes, dim), {}
 
 
 def _keep_attention_scale(node: Node) -> None:

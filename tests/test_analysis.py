@@ -107,6 +107,18 @@ def test_post_ln_transformer_groups():
     assert plan["classifier"].frozen_by == ("model output linear_12",)
 
 
+def test_a_packed_qkv_projection_splits_into_its_parts():
+    plan = _plan("packed_attention")
+    qk, vo = plan["qkv#1"], plan["qkv"]  # named after their producer; query+key come second in graph order
+    assert [str(u) for u in qk.producers] == ["qkv.weight[0][0:16]", "qkv.bias[0][0:16]", "qkv.weight[0][16:32]",
+                                              "qkv.bias[0][16:32]"]
+    assert (qk.size, qk.blocks) == (16, 2) and "attention" in qk.effects and not qk.frozen
+    assert [str(u) for u in vo.producers] == ["qkv.weight[0][32:48]", "qkv.bias[0][32:48]"]
+    assert [str(u) for u in vo.consumers] == ["o.weight[1]"] and vo.exact == ("selection", "projection")
+    assert sorted(index for _, index in qk.splits) == [0, 1] and [i for _, i in vo.splits] == [2]
+    assert [str(u) for u in plan["embed"].consumers] == ["qkv.weight[1]", "classifier.weight[1]"]
+
+
 def test_a_head_split_that_does_not_divide_evenly_is_no_head_split():
     """(…, 12) → (…, 4, 3) is a head split; (…, 12) → (…, 2, 3, 2) is a reshape that freezes."""
 

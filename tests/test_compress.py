@@ -110,6 +110,28 @@ def test_narrowing_the_parts_of_nested_concatenations_is_exact_on_dead_channels(
     assert _rel(rebuilt(*x), model(*x)) <= 1e-9
 
 
+def test_narrowing_the_parts_of_a_packed_projection_resizes_the_split():
+    """Query, key and value all zero on the last dim of each head: dropping it from every part
+    keeps the function, with the split resized and the value's slice moved up by the four rows
+    the query and key lost."""
+    cls, inputs = ORACLES["packed_attention"]
+    torch.manual_seed(6)
+    model = cls().double().eval()
+    dead = [part * 16 + head * 8 + 7 for part in range(3) for head in range(2)]
+    with torch.no_grad():
+        model.qkv.weight[dead] = 0
+        model.qkv.bias[dead] = 0
+    x = inputs()
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    keep = [head * 8 + i for head in range(2) for i in range(7)]
+    out = rewrite(gm, plan, {name: Projection.select(keep, 16) for name in ("qkv#1", "qkv")})  # query+key first
+    assert out.get_parameter("qkv.weight").shape == (42, 16) and out.get_parameter("o.weight").shape == (16, 14)
+    splits = [list(n.args[1]) for n in out.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
+    assert splits == [[14, 14, 14]]
+    assert _rel(out(*x), model(*x)) <= 1e-9
+
+
 def test_a_head_group_takes_only_block_diagonal_projections():
     _, _, gm, plan = _attention_model()
     with pytest.raises(RewriteError, match="4 heads of 8: its projection must be block-diagonal"):

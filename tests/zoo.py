@@ -105,6 +105,23 @@ class PostLNTransformer(nn.Module):
         return self.classifier(h.mean(dim=1))
 
 
+class PackedAttention(nn.Module):
+    """One projection writes query, key and value (GPT-2's layout), split into three, then heads."""
+
+    def __init__(self, vocab=50, d=16, heads=2):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.embed, self.qkv, self.o = nn.Embedding(vocab, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.classifier = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        b, s, _ = h.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(h).split(self.d, dim=-1))
+        h = h + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, self.d))
+        return self.classifier(h.mean(dim=1))
+
+
 class TiedLM(nn.Module):
     def __init__(self, vocab=50, d=16):
         super().__init__()
@@ -141,6 +158,7 @@ ORACLES = {
     "dense_block": (DenseBlock, image),
     "depthwise": (Depthwise, image),
     "post_ln_transformer": (PostLNTransformer, tokens),
+    "packed_attention": (PackedAttention, tokens),
     "tied_embeddings": (TiedLM, tokens),
     "unsupported_op": (Unsupported, lambda batch=3: (torch.randn(batch, 8),)),
 }

@@ -295,10 +295,15 @@ def cat(ctx, node: Node) -> None:
 
 @op_rule(*_overloads("split.Tensor", "split_with_sizes", "chunk", "unbind.int"))
 def split(ctx, node: Node) -> None:
+    """Splitting an axis into parts (a packed QKV projection): each part is its own group, the
+    producers of the whole write each in a slice. ``unbind`` removes the axis: frozen."""
     x = node.args[0]
     axis = arg(node, "dim", 0) % ctx.ndim(x)
-    ctx.freeze(ctx.dim(x, axis), f"split by {node.name}")
     ctx.record_split(node, x, axis)
+    if "unbind" in str(node.target):
+        ctx.freeze(ctx.dim(x, axis), f"unbound by {node.name}")
+    else:
+        ctx.split_into_parts(node, x, axis)
 
 
 @op_rule(operator.getitem)

@@ -48,6 +48,7 @@ class WidthGroup:
     blocks: int = 1  # attention heads: the width is ``blocks`` equal blocks, each narrowed alike
     # (node, axis) of the concatenated activations the group lies in, once per time it lies there
     containers: tuple[tuple[str, int], ...] = ()
+    splits: tuple[tuple[str, int], ...] = ()  # (split node, output index) of the split outputs in the group
 
     @property
     def block_size(self) -> int:

@@ -38,6 +38,7 @@ class Context:
         self.splits: dict[str, tuple[Node, int]] = {}
         self.blocks: list[tuple[DimKey, int]] = []  # a feature axis split into (blocks, size / blocks)
         self.segments: list[tuple[DimKey, list[tuple[DimKey, int, str]], str]] = []  # whole, parts, cat node
+        self.split_index: dict[DimKey, tuple[str, int]] = {}  # a split output's axis → (split node, index)
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -231,17 +232,35 @@ class Context:
     def record_split(self, node: Node, x: Node, axis: int) -> None:
         self.splits[node.name] = (x, axis)
 
+    def split_into_parts(self, node: Node, x: Node, axis: int) -> None:
+        outputs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+        values = node.meta.get("val")
+        count = len(values) if isinstance(values, (list, tuple)) else -1
+        sizes = [_size_key(v.shape[axis]) for v in values] if count > 0 else []
+        if sorted(outputs) != list(range(count)) or not all(isinstance(size, int) for size in sizes):
+            self.freeze(self.dim(x, axis), f"split by {node.name} into parts not all used or of unknown size")
+            return
+        parts = [outputs[i] for i in range(count)]
+        self.segments.append((self.dim(x, axis), [(self.dim(t, axis), size, t.name) for t, size in zip(parts, sizes)],
+                              node.name))
+        for index, t in enumerate(parts):
+            self.split_index[self.dim(t, axis)] = (node.name, index)
+
     def take_split_output(self, node: Node) -> None:
         source = node.args[0]
         if not isinstance(source, Node) or source.name not in self.splits:
             freeze_untouched(self, node)
             return
         x, axis = self.splits[source.name]
+        if "unbind" in str(source.target):  # the axis is gone: the rest shift down past it
+            for a in range(self.ndim(node)):
+                self.tie(self.dim(x, a if a < axis else a + 1), self.dim(node, a))
+            return
         for a in range(self.ndim(node)):
-            if a == axis:
-                self.freeze(self.dim(node, a), f"split by {source.name}")
-            else:
+            if a != axis:
                 self.tie(self.dim(x, a), self.dim(node, a))
+            elif self.dim(node, a) not in self.split_index:
+                self.freeze(self.dim(node, a), f"split by {source.name}")
 
 
 def _size_key(size: Any) -> int | str:
@@ -351,9 +370,9 @@ def _distribute_concatenations(ctx: Context) -> dict[DimKey, list[tuple[str, int
         effects = [e for k in members[root] for e in ctx.effects.get(k, [])]
         activations = [k for k in members[root] if not k[0].startswith("param:")]
         for part, offset, length, tensor in leaves:
-            for _, use in uses_of[root]:  # a consumer of the whole is probed where the part enters it
-                ctx.uses.append((part, dataclasses.replace(use, offset=use.offset + offset, length=length),
-                                 tensor if use.role == "consumer" else None))
+            for _, use in uses_of[root]:  # probed at the part itself: where it enters a concatenation,
+                ctx.uses.append((part, dataclasses.replace(use, offset=use.offset + offset, length=length),  # or
+                                 tensor if use.role != "channel" else None))  # leaves a split
             ctx.effects[part].extend(effects)
             ctx.frozen[part].extend(f"lies in {node}'s output, which is frozen: {r}" for r in dict.fromkeys(frozen))
             containers[part].extend(activations)
@@ -394,7 +413,7 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     activations = tuple(sorted((k for k in keys if not k[0].startswith("param:")), key=lambda k: (order.get(k[0], 0), k[1])))
     return first, WidthGroup(name, size, by_role["producer"], by_role["consumer"], by_role["channel"],
                              passthrough, tuple(effects), probe, frozen, activations, count,
-                             tuple(containers))
+                             tuple(containers), tuple(ctx.split_index[k] for k in keys if k in ctx.split_index))
 
 
 def _sizes(ctx: Context, keys: list[DimKey], blocks: set[int]) -> tuple[int, int, str | None]:
