@@ -421,11 +421,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-runs", type=int, default=50)
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--latency", default=None, help="comma-separated methods to time (default: all)")
+    parser.add_argument("--tune-steps", type=int, default=None,
+                        help="override the profile's cap on fine-tuning steps per round (0: a full epoch)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other tasks of an earlier run in the results file (rerun some tasks)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     tasks = [t for t in PROFILES[args.profile] if args.tasks is None or t.name in args.tasks.split(",")]
+    if args.tune_steps is not None:
+        tasks = [dataclasses.replace(t, tune_steps=args.tune_steps or None) for t in tasks]
     earlier = json.loads(_results_path(args).read_text()) if args.merge and _results_path(args).is_file() else {}
     run = {"command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "tasks": [], "seconds": 0.0}
