@@ -321,10 +321,10 @@ def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
 
 
 def _collect(ctx: Context, order: dict[str, int]) -> Plan:
-    containers = _distribute_concatenations(ctx)
     members: dict[DimKey, list[DimKey]] = defaultdict(list)
     for key in list(ctx.parent):
         members[ctx.find(key)].append(key)
+    containers = _distribute_segments(ctx, members)
     by_root: dict[DimKey, list[tuple[Use, str | None]]] = defaultdict(list)
     for key, use, activation in ctx.uses:
         by_root[ctx.find(key)].append((use, activation))
@@ -338,12 +338,13 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     return Plan(tuple(_unique_names([g for _, g in groups])))
 
 
-def _distribute_concatenations(ctx: Context) -> dict[DimKey, list[tuple[str, int]]]:
-    """Hand each concatenation's parameters, effects and freezes to its parts, as slices.
+def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> dict[DimKey, list[tuple[str, int]]]:
+    """Hand the parameters, effects and freezes of each concatenated (or split) axis to its
+    parts, as slices.
 
-    A concatenated axis is no group of its own: each part is narrowed by itself, and the
-    consumers of the whole take it in the slice where it lies (nested concatenations are
-    flattened). Returns, per part, the activations of the wholes it lies in.
+    Such an axis is no group of its own: each part is narrowed by itself, and the consumers of
+    a concatenation (the producers of a split) take it in the slice where it lies; nested
+    concatenations are flattened. Returns, per part, the activations of the wholes it lies in.
     """
     cuts: dict[DimKey, tuple[list[tuple[DimKey, int, str]], str]] = {}
     split_into_heads = {ctx.find(key) for key, _ in ctx.blocks}
@@ -354,12 +355,9 @@ def _distribute_concatenations(ctx: Context) -> dict[DimKey, list[tuple[str, int
         if root in cuts and [size for _, size, _ in cuts[root][0]] != [size for _, size, _ in parts]:
             ctx.freeze(root, f"{node} and {cuts[root][1]} concatenate one axis in different ways")
         cuts.setdefault(root, (parts, node))
-    members: dict[DimKey, list[DimKey]] = defaultdict(list)
-    for key in list(ctx.parent):
-        members[ctx.find(key)].append(key)
-    uses_of: dict[DimKey, list[tuple[Use, str | None]]] = defaultdict(list)
+    uses_of: dict[DimKey, list[Use]] = defaultdict(list)
     for key, use, _ in ctx.uses:
-        uses_of[ctx.find(key)].append((key, use))
+        uses_of[ctx.find(key)].append(use)
     containers: dict[DimKey, list[tuple[str, int]]] = defaultdict(list)
     for root, (_, node) in cuts.items():
         leaves = _leaves(ctx, root, cuts, ())
@@ -370,9 +368,10 @@ def _distribute_concatenations(ctx: Context) -> dict[DimKey, list[tuple[str, int
         effects = [e for k in members[root] for e in ctx.effects.get(k, [])]
         activations = [k for k in members[root] if not k[0].startswith("param:")]
         for part, offset, length, tensor in leaves:
-            for _, use in uses_of[root]:  # probed at the part itself: where it enters a concatenation,
-                ctx.uses.append((part, dataclasses.replace(use, offset=use.offset + offset, length=length),  # or
-                                 tensor if use.role != "channel" else None))  # leaves a split
+            # probed at the part itself: where it enters a concatenation, or leaves a split
+            for use in uses_of[root]:
+                sliced = dataclasses.replace(use, offset=use.offset + offset, length=length)
+                ctx.uses.append((part, sliced, tensor if use.role != "channel" else None))
             ctx.effects[part].extend(effects)
             ctx.frozen[part].extend(f"lies in {node}'s output, which is frozen: {r}" for r in dict.fromkeys(frozen))
             containers[part].extend(activations)
