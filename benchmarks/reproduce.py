@@ -284,9 +284,10 @@ def _latency(rows: dict, train, out: Path, args) -> dict[str, dict[str, Any]]:
     Models with the same parameter shapes are one architecture, timed once."""
     example = inputs_of(next(iter(train)))
     wanted = ["original"] + [n for n in rows if n != "original" and (args.latency is None or n in args.latency.split(","))]
+    architecture = {name: _architecture(rows[name]["module"]) for name in wanted}
     timed: dict[tuple, str] = {}
     for name in wanted:
-        timed.setdefault(_architecture(rows[name]["module"]), name)
+        timed.setdefault(architecture[name], name)
     names = list(timed.values())
     paths = [out / "onnx" / f"{name}.onnx" for name in names]
     for name, path in zip(names, paths):
@@ -304,8 +305,7 @@ def _latency(rows: dict, train, out: Path, args) -> dict[str, dict[str, Any]]:
         for batch, summary in entry["batches"].items():
             measured[name][f"p50_ms_b{batch}"] = summary["latency_ms"]["p50"]["median"]
             measured[name][f"speedup_b{batch}"] = 1 / summary["ratio_to_first"]["latency_p50"]["median"]
-    return {name: measured[timed[_architecture(rows[name]["module"])]]
-            | {"timed_as": timed[_architecture(rows[name]["module"])]} for name in wanted}
+    return {name: measured[timed[architecture[name]]] | {"timed_as": timed[architecture[name]]} for name in wanted}
 
 
 def _architecture(module: nn.Module) -> tuple:
@@ -437,12 +437,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {"profile": args.profile, "machine": f"{socket.gethostname()} ({platform.machine()}, "
                                                    f"{torch.get_num_threads()} threads)",
                "runs": _runs(earlier) + [run], "tasks": list(earlier.get("tasks", []))}
+    order = [t.name for t in PROFILES[args.profile]]
     for task in tasks:  # the files are rewritten after every task, so a long run keeps what it finished
         t0 = time.perf_counter()
         entry = run_task(task, args) | {"command": run["command"]}
         entry["seconds"] = time.perf_counter() - t0
         results["tasks"] = [t for t in results["tasks"] if t["task"]["name"] != task.name] + [entry]
-        order = [t.name for t in PROFILES[args.profile]]
         results["tasks"].sort(key=lambda t: order.index(t["task"]["name"]) if t["task"]["name"] in order else len(order))
         run["tasks"].append(task.name)
         run["seconds"] = results["seconds"] = time.perf_counter() - start

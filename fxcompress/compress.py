@@ -182,10 +182,10 @@ def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
         plan = analyze_graph(gm)
         projections = {}
         for name, k in widths.items():
-            size = _group_size(plan, name, number)
+            group = _group_of(plan, name, number)
+            size = group.size
             if not isinstance(k, int) or not 0 < k <= size:
                 raise ConfigError(f"step {number}: group {name!r} has width {size}; k = {k!r} must lie in [1, {size}]")
-            group = plan[name]
             if k % group.blocks:
                 raise ConfigError(f"step {number}: group {name!r} is {group.blocks} heads; k = {k} is not a multiple")
             mean = torch.zeros(size, dtype=torch.float64) if step.get("fold_mean", True) else None
@@ -203,9 +203,9 @@ def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
     return module
 
 
-def _group_size(plan: Plan, name: str, number: int) -> int:
+def _group_of(plan: Plan, name: str, number: int) -> WidthGroup:
     try:
-        return plan[name].size
+        return plan[name]
     except KeyError as exc:
         raise ConfigError(f"step {number}: {exc.args[0]}: these steps were made from another model") from None
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ aten = torch.ops.aten
 
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+NORMS = {aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default}
 
 
 class RewriteError(FxCompressError):
@@ -113,11 +114,6 @@ def _block_diagonal(matrix: torch.Tensor, blocks: int) -> bool:
     tiles = matrix.reshape(blocks, k // blocks, blocks, d // blocks)
     off = ~torch.eye(blocks, dtype=torch.bool)
     return not bool(tiles.permute(0, 2, 1, 3)[off].any())
-
-
-def block_diagonal(parts: list[torch.Tensor]) -> torch.Tensor:
-    """One ``k × d`` matrix per head → the group's ``(H·k) × (H·d)`` projection."""
-    return torch.block_diag(*parts)
 
 
 def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices) -> None:
@@ -221,57 +217,39 @@ def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor
 
 
 def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
-    axes = {}
-    for name, axis in group.activations:
-        axes.setdefault(name, []).append(axis)
+    nodes = {n.name: n for n in gm.graph.nodes}
     new_size = {group.size: k, group.block_size: k // group.blocks}
-    _shrink_containers(gm, group, group.size - k)
-    _resize_splits(gm, group, k)
-    for node in gm.graph.nodes:
-        query = node.args[0] if node.target == aten.scaled_dot_product_attention.default else None
-        if query is not None and query.meta["val"].ndim - 1 in axes.get(query.name, ()):
-            _keep_attention_scale(node)
-        if node.name not in axes or node.op != "call_function":
-            continue
-        if node.target in RESHAPES and isinstance(node.args[1], (list, tuple)):
-            sizes = list(node.args[1])
-            for axis in axes[node.name]:
-                if isinstance(sizes[axis], int) and sizes[axis] in new_size:
-                    sizes[axis] = new_size[sizes[axis]]
+    for name, axis in group.activations:
+        _resize_constant(nodes[name], axis, new_size.get)
+    for name, axis in group.containers:  # concatenations the group lies in are narrower by as much
+        _resize_constant(nodes[name], axis, lambda size: size - group.size + k)
+    _resize_splits(nodes, group, k)
+    activations = set(group.activations)
+    for node in nodes.values():
+        if node.target == aten.scaled_dot_product_attention.default:
+            query = node.args[0]
+            if (query.name, query.meta["val"].ndim - 1) in activations:
+                _keep_attention_scale(node)
+
+
+def _resize_constant(node: Node, axis: int, resize: Callable[[int], int | None]) -> None:
+    """The graph constant naming the size of ``node``'s ``axis`` (a reshape size, a depthwise
+    ``groups``, a norm's ``normalized_shape``) becomes ``resize(size)``, unless that is None."""
+    if node.op != "call_function":
+        return
+    if node.target in RESHAPES and isinstance(node.args[1], (list, tuple)):
+        sizes = list(node.args[1])
+        if isinstance(sizes[axis], int) and sizes[axis] > 0 and resize(sizes[axis]) is not None:
+            sizes[axis] = resize(sizes[axis])
             node.args = (node.args[0], sizes, *node.args[2:])
-        elif node.target in CONVS and arg(node, "groups", 1) == group.size > 1 and 1 in axes[node.name]:
-            _set_arg(node, "groups", k)  # depthwise: one group per channel
-        elif node.target in (aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default):
-            shape = list(node.args[1])
-            if shape[-1] == group.size:
-                shape[-1] = k
-                node.args = (node.args[0], shape, *node.args[2:])
+    elif node.target in CONVS and axis == 1 and arg(node, "groups", 1) > 1 and resize(arg(node, "groups")) is not None:
+        _set_arg(node, "groups", resize(arg(node, "groups")))  # depthwise: one group per channel
+    elif node.target in NORMS and axis == node.meta["val"].ndim - 1 and resize(node.args[1][-1]) is not None:
+        node.args = (node.args[0], [*node.args[1][:-1], resize(node.args[1][-1])], *node.args[2:])
 
 
-def _shrink_containers(gm: GraphModule, group: WidthGroup, delta: int) -> None:
-    """Concatenations the group lies in are ``delta`` narrower: so are the constants naming them."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for name, axis in group.containers:
-        node = nodes.get(name)
-        if node is None or node.op != "call_function":
-            continue
-        if node.target in RESHAPES and isinstance(node.args[1], (list, tuple)):
-            sizes = list(node.args[1])
-            if isinstance(sizes[axis], int) and sizes[axis] > 0:
-                sizes[axis] -= delta
-                node.args = (node.args[0], sizes, *node.args[2:])
-        elif node.target in CONVS and axis == 1 and arg(node, "groups", 1) > 1:
-            _set_arg(node, "groups", arg(node, "groups") - delta)  # depthwise over a concatenation
-        elif node.target in (aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default) \
-                and axis == node.meta["val"].ndim - 1:
-            shape = list(node.args[1])
-            shape[-1] -= delta
-            node.args = (node.args[0], shape, *node.args[2:])
-
-
-def _resize_splits(gm: GraphModule, group: WidthGroup, k: int) -> None:
+def _resize_splits(nodes: Mapping[str, Node], group: WidthGroup, k: int) -> None:
     """A split whose output narrows becomes ``split_with_sizes`` with that part's size ``k``."""
-    nodes = {n.name: n for n in gm.graph.nodes}
     for name, index in group.splits:
         node = nodes[name]
         x, dim = node.args[0], arg(node, "dim", 0)
