@@ -158,14 +158,31 @@ def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
 
 
 def _along(t: torch.Tensor, p: torch.Tensor, axis: int, start: int = 0, length: int | None = None) -> torch.Tensor:
-    """Contract axis ``axis`` of ``t`` with ``P``'s columns (float64 math, original dtype out);
-    with ``length``, only the slice ``[start, start + length)`` of the axis (a concatenation's part)."""
-    moved = torch.movedim(t.detach().to(torch.float64), axis, -1)
+    """Contract axis ``axis`` of ``t`` with ``P``'s columns (in float64 for float64 tensors, float32
+    otherwise; original dtype out);
+    with ``length``, only the slice ``[start, start + length)`` of the axis (a concatenation's part).
+    A selection ``P`` is an index: the kept entries are copied, not multiplied."""
+    index = _selection_index(p)
+    if index is not None:
+        end = t.shape[axis] if length is None else start + length
+        keep = torch.cat([torch.arange(start), index + start, torch.arange(end, t.shape[axis])])
+        return torch.index_select(t.detach(), axis, keep).contiguous()
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    moved, p = torch.movedim(t.detach().to(work), axis, -1), p.to(work)
     if length is None:
         moved = moved @ p.T
     else:
         moved = torch.cat([moved[..., :start], moved[..., start:start + length] @ p.T, moved[..., start + length:]], -1)
     return torch.movedim(moved, -1, axis).to(t.dtype).contiguous()
+
+
+def _selection_index(p: torch.Tensor) -> torch.Tensor | None:
+    """The kept columns if every row of ``p`` is a distinct unit vector ``eᵢ``, else None."""
+    ones = p == 1
+    if not bool((ones.sum(dim=1) == 1).all()) or int(torch.count_nonzero(p)) != p.shape[0]:
+        return None
+    index = ones.to(torch.int8).argmax(dim=1)
+    return index if index.unique().numel() == index.numel() else None
 
 
 def _narrow_channel(gm: GraphModule, use: Use, p: torch.Tensor, start: int) -> None:

@@ -1,5 +1,7 @@
 """Rewrite exactness and fxcompress.compress on the oracle zoo."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -136,6 +138,17 @@ def test_a_head_group_takes_only_block_diagonal_projections():
     _, _, gm, plan = _attention_model()
     with pytest.raises(RewriteError, match="4 heads of 8: its projection must be block-diagonal"):
         rewrite(gm, plan, {"layers.0.v": Projection.select(range(16), 32)})  # heads 0-1 kept whole, 2-3 dropped
+
+
+def test_a_selection_copies_the_kept_entries_and_a_rotation_contracts_them():
+    along = sys.modules["fxcompress.rewrite"]._along
+    w = torch.randn(3, 10, 5)  # axis 1 holds a concatenation; the group is its slice [3, 7)
+    picked = along(w, Projection.select([2, 0, 3], 4).matrix, axis=1, start=3, length=4)
+    assert picked.dtype == w.dtype and torch.equal(picked, w[:, [0, 1, 2, 5, 3, 6, 7, 8, 9]])
+    rotation = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0][:3]
+    rotated = along(w, rotation, axis=1, start=3, length=4)
+    assert rotated.shape == (3, 9, 5) and torch.equal(rotated[:, 6:], w[:, 7:])
+    assert torch.allclose(rotated[:, 3:6], torch.einsum("kd,adb->akb", rotation.float(), w[:, 3:7]), atol=1e-6)
 
 
 def test_keep_all_returns_the_same_function():

@@ -190,8 +190,13 @@ class CovarianceAccumulator:
     def _add_rows(self, rows: torch.Tensor) -> None:
         if rows.shape[0] == 0:
             return
-        shift = self._ensure_shift(rows.mean(dim=0, dtype=torch.float64).cpu().numpy())
-        centred = rows.to(torch.float64) - torch.as_tensor(shift, device=rows.device)
+        data = rows.to(torch.float64)
+        total = data.sum(dim=0)  # NaN/Inf propagate into it; float32 values cannot overflow it
+        if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(data).all()):
+            bad = int((~torch.isfinite(data)).sum())
+            raise DataError(f"activation batch holds {bad} NaN/Inf values: check the model and its inputs")
+        shift = self.shift if self.shift is not None else self._ensure_shift((total / rows.shape[0]).cpu().numpy())
+        centred = data - torch.as_tensor(shift, device=rows.device)
         if self._rows is not None and self.count + rows.shape[0] <= self.dim:
             self._rows.append(centred.cpu().numpy())
         else:
@@ -255,9 +260,6 @@ class CovarianceAccumulator:
             )
         if not t.is_floating_point():
             t = t.to(torch.float64)
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise DataError(f"activation batch holds {bad} NaN/Inf values: check the model and its inputs")
         if self.null is not None and t.ndim < 3:
             raise DataError(
                 f"shift_null needs a sequence axis: pass activations shaped (batch, tokens, {self.dim}), "
@@ -323,9 +325,9 @@ def _roll_within_sequences(t: torch.Tensor, keep: torch.Tensor | None, rng: torc
     source = torch.argsort(torch.rand(b, d, generator=rng), dim=0)  # (b, d): π_j(b)
     src_len = lengths.clamp(min=1)[source]
     offsets = (torch.rand(b, d, generator=rng) * src_len).long()
-    seq = torch.gather(seq, 0, source.to(device).unsqueeze(1).expand(b, length, d))
     pos = torch.arange(length).view(1, length, 1)
-    token = torch.remainder(pos + offsets.unsqueeze(1), src_len.unsqueeze(1))
-    out = torch.gather(seq, 1, token.to(device))
+    token = torch.remainder(pos + offsets.unsqueeze(1), src_len.unsqueeze(1))  # (b, length, d)
+    row = token.add_(source.unsqueeze(1) * length)  # row of the flattened (b·length, d) batch
+    out = torch.gather(seq.reshape(b * length, d), 0, row.view(b * length, d).to(device)).view(b, length, d)
     valid = pos.view(1, length) < lengths.view(b, 1)
     return out[valid.to(device)]
