@@ -10,6 +10,7 @@ trainable module:
   user's model is never mutated, not even on failure;
 * batch axes (and the sequence axes of integer inputs) are dynamic, so the module accepts
   other batch sizes, and the export's shape guards are dropped;
+* ``nn.MultiheadAttention`` is computed with an explicit head axis (:mod:`fxcompress.attention`);
 * ``aten.dropout`` and ``aten.batch_norm`` have the mode of capture time baked in; they
   become ``nn.Dropout`` / ``nn.BatchNorm*d`` submodules that follow ``.train()``/``.eval()``.
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcompress.attention import make_headwise
 from fxcompress.errors import CaptureError
 
 aten = torch.ops.aten
@@ -65,6 +67,7 @@ def _export(model: Any, args: tuple, kwargs: dict) -> torch.export.ExportedProgr
     if not args and not kwargs:
         raise CaptureError("capturing a module needs example inputs: pass one batch as the model is called")
     work = copy.deepcopy(model).eval()
+    make_headwise(work)  # nn.MultiheadAttention with an explicit head axis the analysis can follow
     if getattr(getattr(work, "config", None), "use_cache", False):
         work.config.use_cache = False  # a KV cache object is not a tensor output; compression needs none
     try:

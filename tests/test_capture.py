@@ -1,11 +1,15 @@
 """Capture: one ATen graph for any model, a drop-in module, the user's model untouched."""
 
+import copy
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
+from fxcompress.analysis import analyze_graph
+from fxcompress.attention import HeadwiseAttention, make_headwise
 from fxcompress.capture import capture
 from fxcompress.errors import CaptureError, FxCompressError
 from zoo import ConvBNResidual
@@ -104,3 +108,58 @@ def test_failed_capture_leaves_the_model_untouched():
     except CaptureError as exc:
         assert "DataDependent" in str(exc)
     assert _same(before, _snapshot(model)) and model.training
+
+
+def _masks(case, batch=3, length=5, heads=2):
+    """``(attn_mask, key_padding_mask)`` for one masking case."""
+    padding = torch.zeros(batch, length, dtype=torch.bool)
+    padding[0, -2:] = True
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    return {"none": (None, None), "padding": (None, padding), "padding-float": (None, padding.double() * -1e4),
+            "causal": (causal, None), "causal+padding": (causal, padding),
+            "per-head": (torch.randn(batch * heads, length, length, dtype=torch.float64), None)}[case]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("case", ["none", "padding", "padding-float", "causal", "causal+padding", "per-head"])
+@pytest.mark.parametrize("weights", ["none", "average", "per-head"])
+def test_headwise_attention_computes_what_multihead_attention_does(batch_first, case, weights):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, bias=case != "none", batch_first=batch_first).double().eval()
+    headwise = copy.deepcopy(mha)
+    assert make_headwise(headwise) == 1 and type(headwise) is HeadwiseAttention
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    attn_mask, padding = _masks(case)
+    options = dict(key_padding_mask=padding, attn_mask=attn_mask, need_weights=weights != "none",
+                   average_attn_weights=weights == "average", is_causal=case.startswith("causal"))
+    expected, expected_weights = mha(x, x, x, **options)
+    out, out_weights = headwise(x, x, x, **options)
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert (out_weights is None) == (expected_weights is None)
+    if expected_weights is not None:
+        assert torch.allclose(out_weights, expected_weights, atol=1e-12)
+
+
+def test_cross_attention_and_unpacked_projections_keep_multihead_attention():
+    torch.manual_seed(0)
+    unpacked = nn.Sequential(nn.MultiheadAttention(8, 2, kdim=6, vdim=6))
+    assert make_headwise(unpacked) == 0 and type(unpacked[0]) is nn.MultiheadAttention
+    mha = nn.MultiheadAttention(8, 2).eval()
+    headwise = copy.deepcopy(mha)
+    make_headwise(headwise)
+    q, kv = torch.randn(4, 2, 8), torch.randn(6, 2, 8)  # cross-attention runs the original code
+    assert torch.equal(headwise(q, kv, kv)[0], mha(q, kv, kv)[0])
+
+
+def test_multihead_attention_heads_are_width_groups_and_the_user_model_keeps_its_class():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2).eval()
+    x = torch.randn(2, 7, 16)
+    gm = capture(model, (x,))
+    assert all(type(layer.self_attn) is nn.MultiheadAttention for layer in model.layers)
+    y = torch.randn(5, 7, 16)  # another batch size (float inputs keep their other sizes)
+    assert torch.allclose(gm(y), model(y), atol=1e-5)
+    plan = analyze_graph(gm)
+    heads = [(g.name, g.blocks, bool(g.frozen)) for g in plan.groups if g.blocks > 1]
+    assert heads == [(f"layers.{i}.self_attn{part}", 4, False) for i in range(2) for part in ("", "#1")]

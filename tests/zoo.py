@@ -122,6 +122,19 @@ class PackedAttention(nn.Module):
         return self.classifier(h.mean(dim=1))
 
 
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` inside), sequence-first, as
+    torch's own transformer layers and torchvision's ViT use it."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.embed, self.fc = nn.Linear(8, d), nn.Linear(d, 3)
+        self.layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0)
+
+    def forward(self, x):
+        return self.fc(self.layer(self.embed(x).transpose(0, 1)).mean(dim=0))
+
+
 class TiedLM(nn.Module):
     def __init__(self, vocab=50, d=16):
         super().__init__()
@@ -160,5 +173,6 @@ ORACLES = {
     "post_ln_transformer": (PostLNTransformer, tokens),
     "packed_attention": (PackedAttention, tokens),
     "tied_embeddings": (TiedLM, tokens),
+    "torch_encoder": (TorchEncoder, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "unsupported_op": (Unsupported, lambda batch=3: (torch.randn(batch, 8),)),
 }

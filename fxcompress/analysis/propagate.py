@@ -332,7 +332,8 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     for key, count in ctx.blocks:
         blocks[ctx.find(key)].add(count)
     wholes = {ctx.find(whole) for whole, _, _ in ctx.segments}
-    groups = [_group(ctx, root, uses, members[root], order, blocks.get(root, set()), containers.get(root, []))
+    # a concatenated part that no op tied to another axis is its own only member
+    groups = [_group(ctx, root, uses, members[root] or [root], order, blocks.get(root, set()), containers.get(root, []))
               for root, uses in by_root.items() if root not in wholes and any(u.role != "channel" for u, _ in uses)]
     groups.sort(key=lambda g: g[0])
     return Plan(tuple(_unique_names([g for _, g in groups])))
