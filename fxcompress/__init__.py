@@ -19,7 +19,7 @@ Every error raised on purpose derives from :class:`FxCompressError`.
 
 from fxcompress import calibrate
 from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
-from fxcompress.capture import capture
+from fxcompress.capture import capture, fold_batch_norms
 from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
 from fxcompress.distill import DistillConfig, DistillResult, accuracy, distill, kd_loss
 from fxcompress.errors import (CaptureError, ConfigError, DataError, DatasetError, ExportError, FxCompressError,
@@ -36,5 +36,5 @@ __all__ = [
     "DatasetError", "DistillConfig", "DistillResult", "ExportError", "ExportReport", "FxCompressError", "Plan",
     "Projection", "RMTKDConfig", "RMTKDResult", "RankSelection", "RewriteError", "Round", "TrainingError",
     "WidthGroup", "accuracy", "analyze", "analyze_graph", "calibrate", "capture", "compress", "distill",
-    "export_onnx", "kd_loss", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
+    "export_onnx", "fold_batch_norms", "kd_loss", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
 ]

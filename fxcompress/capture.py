@@ -103,6 +103,80 @@ def dynamic_shapes(args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | No
     return None  # mixed positional and keyword inputs: let export keep static shapes
 
 
+def fold_batch_norms(gm: GraphModule) -> GraphModule:
+    """A copy of captured ``gm`` with every BatchNorm that follows a convolution or linear layer
+    (and is its only user) folded into that layer's weight and bias, with the running statistics.
+
+    The copy computes the same function in eval mode. A group's producers are then no longer
+    scaled channel by channel, so a rotation becomes exact where nothing else (a ReLU) stops it —
+    MobileNetV2's linear bottlenecks, for one. The folded model has no BatchNorm left to train:
+    fold for one-shot compression or deployment, not before fine-tuning from scratch.
+    """
+    out = copy.deepcopy(gm)
+    for node in list(out.graph.nodes):
+        layer = node.args[0] if node.op == "call_module" and node.args else None
+        bn = out.get_submodule(node.target) if layer is not None else None
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and _foldable(out, layer, bn):
+            _fold_into(out, layer, bn)
+            node.replace_all_uses_with(layer)
+            out.graph.erase_node(node)
+    out.graph.lint()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    return out
+
+
+FOLDABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
+
+
+def _foldable(gm: GraphModule, layer: Any, bn: nn.Module) -> bool:
+    """A layer whose only user is the BatchNorm, with its own (unshared) weight and bias."""
+    if not isinstance(layer, Node) or layer.op != "call_function" or layer.target not in FOLDABLE:
+        return False
+    if len(layer.users) != 1 or bn.running_mean is None:
+        return False
+    params = [p for p in layer.args[1:3] if p is not None]
+    return all(isinstance(p, Node) and p.op == "get_attr" and len(p.users) == 1 for p in params)
+
+
+def _fold_into(gm: GraphModule, layer: Node, bn: nn.Module) -> None:
+    """``W ← s·W``, ``b ← s·(b − μ) + β`` with ``s = γ/√(σ² + ε)``, per output channel."""
+    weight_node = layer.args[1]
+    weight = _fetch(gm, weight_node)
+    work = torch.float64
+    scale = (bn.weight.detach().to(work) if bn.affine else 1.0) / torch.sqrt(bn.running_var.to(work) + bn.eps)
+    shift = bn.bias.detach().to(work) if bn.affine else torch.zeros_like(scale)
+    bias_node = layer.args[2] if len(layer.args) > 2 else None
+    bias = _fetch(gm, bias_node).detach().to(work) if bias_node is not None else torch.zeros_like(scale)
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    _replace(gm, weight_node.target, (weight.detach().to(work) * scale.reshape(shape)).to(weight.dtype))
+    folded = ((bias - bn.running_mean.to(work)) * scale + shift).to(weight.dtype)
+    if bias_node is not None:
+        _replace(gm, bias_node.target, folded)
+        return
+    name = weight_node.target.rpartition(".")[0] + ".bias" if "." in weight_node.target else weight_node.target + "_bias"
+    name = name if not _has(gm, name) else _fresh_name(gm, name.replace(".", "_"))
+    _replace(gm, name, folded)
+    with gm.graph.inserting_before(layer):
+        bias_node = gm.graph.get_attr(name)
+    args = list(layer.args) + [None] * (3 - len(layer.args))
+    args[2] = bias_node
+    layer.args = tuple(args)
+
+
+def _replace(gm: GraphModule, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    owner.register_parameter(attr, nn.Parameter(value))
+
+
+def _has(gm: GraphModule, name: str) -> bool:
+    try:
+        return operator.attrgetter(name)(gm) is not None
+    except AttributeError:
+        return False
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""

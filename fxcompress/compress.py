@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate
-from fxcompress.capture import capture
+from fxcompress.capture import capture, fold_batch_norms
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, select_rank
@@ -43,7 +43,10 @@ class CompressConfig:
     ``"selection"`` of the channels that best span them, ``"auto"``: selection where only
     that is exact (across ReLU/BatchNorm), projection elsewhere; or ``"magnitude"``: the
     channels whose producer weights have the largest L2 norm (the structured-pruning
-    baseline, blind to the activations).
+    baseline, blind to the activations). ``fold_batchnorm``: fold each BatchNorm into the
+    convolution or linear layer before it first (:func:`fxcompress.capture.fold_batch_norms`),
+    so rotations become exact where BatchNorm alone stopped them; the result has no BatchNorm
+    left to train.
     """
 
     rule: str = "mp-hist"
@@ -59,6 +62,7 @@ class CompressConfig:
     transform: str = "auto"
     correlated_samples: bool = True
     fold_mean: bool = True
+    fold_batchnorm: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -110,6 +114,7 @@ class CompressResult:
     seconds: float
     fold_mean: bool = True
     selections: Mapping[str, RankSelection] = dataclasses.field(default_factory=dict, repr=False)
+    fold_batchnorm: bool = False
 
     @property
     def compressed(self) -> tuple[GroupReport, ...]:
@@ -119,7 +124,8 @@ class CompressResult:
     def step(self) -> dict[str, Any]:
         """The architecture change, as :func:`rebuild` replays it: the new widths, and
         whether consumers got a mean-folding bias. JSON-serialisable."""
-        return {"widths": {r.name: r.k for r in self.compressed}, "fold_mean": self.fold_mean}
+        step = {"widths": {r.name: r.k for r in self.compressed}, "fold_mean": self.fold_mean}
+        return {**step, "fold_batchnorm": True} if self.fold_batchnorm else step
 
     def to_dict(self) -> dict[str, Any]:
         return {"params_before": self.params_before, "params_after": self.params_after, "seconds": self.seconds,
@@ -151,6 +157,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     batches = _batches(calib_data)
     args, kwargs = as_call(example_inputs if example_inputs is not None else batches[0])
     gm = capture(model, args, kwargs)
+    if config.fold_batchnorm:
+        gm = fold_batch_norms(gm)
     plan = analyze_graph(gm)
     targets = _targets(plan, config)
     accs = calibrate(gm, targets, batches, config.correlated_samples) if targets else {}
@@ -160,7 +168,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
     selections = {name: sel for name, (_, sel, _) in decisions.items()}
     return CompressResult(module, plan, report, num_parameters(gm), num_parameters(module),
-                          time.perf_counter() - start, config.fold_mean, selections)
+                          time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm)
 
 
 def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
@@ -179,6 +187,8 @@ def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
         if not isinstance(widths, Mapping):
             raise ConfigError(f"step {number} must be a mapping with 'widths' (CompressResult.step), got {step!r}")
         gm = capture(module, args, kwargs)
+        if step.get("fold_batchnorm", False):
+            gm = fold_batch_norms(gm)
         plan = analyze_graph(gm)
         projections = {}
         for name, k in widths.items():

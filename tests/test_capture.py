@@ -10,9 +10,10 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from fxcompress.analysis import analyze_graph
 from fxcompress.attention import HeadwiseAttention, make_headwise
-from fxcompress.capture import capture
+from fxcompress.capture import capture, fold_batch_norms
 from fxcompress.errors import CaptureError, FxCompressError
-from zoo import ConvBNResidual
+from fxcompress.rewrite import Projection, rewrite
+from zoo import ORACLES, ConvBNResidual
 
 
 def _snapshot(model):
@@ -163,3 +164,44 @@ def test_multihead_attention_heads_are_width_groups_and_the_user_model_keeps_its
     plan = analyze_graph(gm)
     heads = [(g.name, g.blocks, bool(g.frozen)) for g in plan.groups if g.blocks > 1]
     assert heads == [(f"layers.{i}.self_attn{part}", 4, False) for i in range(2) for part in ("", "#1")]
+
+
+def _random_batch_norms(model):
+    """Running statistics and affine parameters other than 0 and 1, so a fold has work to do."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+            module.bias.data.normal_()
+    return model
+
+
+# DenseNet's BatchNorms follow concatenations, not convolutions: they stay
+@pytest.mark.parametrize("name, kept", [("conv_bn_residual", 0), ("depthwise", 0), ("dense_block", 3)])
+def test_folding_batch_norms_keeps_the_function_and_leaves_the_input_alone(name, kept):
+    cls, inputs = ORACLES[name]
+    torch.manual_seed(0)
+    model = _random_batch_norms(cls().double()).eval()
+    x = tuple(t.double() for t in inputs())
+    gm = capture(model, x)
+    before = _snapshot(gm)
+    folded = fold_batch_norms(gm)
+    assert _same(before, _snapshot(gm)) and any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == kept
+    assert torch.allclose(folded(*x), model(*x), rtol=1e-10, atol=1e-10)
+
+
+def test_folding_makes_rotations_exact_across_mobilenet_bottlenecks():
+    torch.manual_seed(0)
+    model = _random_batch_norms(torchvision.models.mobilenet_v2(num_classes=10).double()).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    gm = capture(model, (x,))
+    folded = fold_batch_norms(gm)
+    plan = analyze_graph(folded)
+    rotatable = [g for g in plan.compressible if "projection" in g.exact]
+    assert len(rotatable) > sum("projection" in g.exact for g in analyze_graph(gm).compressible)
+    # the linear bottlenecks (conv → BatchNorm → residual add, no ReLU) now take any rotation
+    rotations = {g.name: Projection(torch.linalg.qr(torch.randn(g.size, g.size, dtype=torch.float64))[0])
+                 for g in rotatable}
+    torch.testing.assert_close(rewrite(folded, plan, rotations)(x), model(x), rtol=1e-9, atol=1e-12)

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import fxcompress
@@ -295,6 +296,20 @@ def test_rebuild_from_steps_and_state_dict(name):
     rebuilt = fxcompress.rebuild(model, batches[0], steps, second.module.state_dict()).eval()
     x = inputs(3)
     torch.testing.assert_close(rebuilt(*x), second.module.eval()(*x), rtol=0, atol=0)
+
+
+def test_folded_batch_norms_make_bottlenecks_rotatable_and_rebuild():
+    """MobileNetV2 with BatchNorm folded: its linear bottlenecks take exact rotations (the
+    projection transform under "auto"), and the fold is a step that rebuild replays."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    result = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5, fold_batchnorm=True))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.module.modules())
+    assert any(r.transform == "projection" and r.exact for r in result.report)
+    assert result.step["fold_batchnorm"] is True
+    rebuilt = fxcompress.rebuild(model, batches[0], [result.step], result.module.state_dict()).eval()
+    torch.testing.assert_close(rebuilt(batches[1]), result.module(batches[1]), rtol=0, atol=0)
 
 
 def test_rebuild_rejects_a_state_dict_of_another_model():
