@@ -1,7 +1,9 @@
 """Benchmark: fxcompress.compress of a BERT-base-sized model (12 layers × 768, random weights).
 
 Times each stage (capture, analysis, calibration, rank selection + eigenvectors, rewrite)
-on two small calibration batches, and prints the covariance memory held per group.
+on two small calibration batches, for a first call (which also pays one-time set-up: lazy
+imports, torch.export's first trace) and a second one in the same process, and prints the
+covariance memory held per group.
 
     python benchmarks/bench_compress.py [--batch 8 --tokens 64 --rule mp-hist]
 """
@@ -33,6 +35,22 @@ def main() -> None:
     batches = [{"input_ids": torch.randint(0, 30522, (args.batch, args.tokens)),
                 "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long)} for _ in range(2)]
     config = fxcompress.CompressConfig(rule=args.rule)
+    print(f"BERT-base ({sum(p.numel() for p in model.parameters()):,} parameters), rule {args.rule}, "
+          f"2 batches of {args.batch}×{args.tokens} tokens, {torch.get_num_threads()} threads")
+    runs = [_stages(model, batches, config) for _ in range(2)]  # the first call also pays one-time set-up
+    print(f"  {'stage':32s} {'first call':>10s} {'second':>8s}")
+    for name in runs[0][0]:
+        print(f"  {name:32s} {runs[0][0][name]:8.2f} s {runs[1][0][name]:6.2f} s")
+    totals = [sum(stages.values()) for stages, _, _ in runs]
+    print(f"  {'total':32s} {totals[0]:8.2f} s {totals[1]:6.2f} s   (goal ≤ 5 s)")
+    _, accs, module = runs[-1]
+    mib = sum(a.state_bytes() for a in accs.values()) / 2**20
+    print(f"  covariance state: {len(accs)} groups, {mib:.0f} MiB (O(d²) per group, flat in the sample count)")
+    print(f"  parameters after: {sum(p.numel() for p in module.parameters()):,}")
+
+
+def _stages(model, batches, config) -> tuple[dict[str, float], dict, torch.nn.Module]:
+    """One compress, stage by stage: the seconds of each, the accumulators and the result."""
     clock, stages = time.perf_counter(), {}
 
     def lap(name: str) -> None:
@@ -51,15 +69,7 @@ def main() -> None:
     lap("rank selection + eigenvectors")
     module = rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None})
     lap("rewrite")
-    total = sum(stages.values())
-    print(f"BERT-base ({sum(p.numel() for p in model.parameters()):,} parameters), rule {args.rule}, "
-          f"2 batches of {args.batch}×{args.tokens} tokens, {torch.get_num_threads()} threads")
-    for name, seconds in stages.items():
-        print(f"  {name:32s} {seconds:7.2f} s")
-    print(f"  {'total':32s} {total:7.2f} s   (goal ≤ 5 s)")
-    mib = sum(a.state_bytes() for a in accs.values()) / 2**20
-    print(f"  covariance state: {len(accs)} groups, {mib:.0f} MiB (O(d²) per group, flat in the sample count)")
-    print(f"  parameters after: {sum(p.numel() for p in module.parameters()):,}")
+    return stages, accs, module
 
 
 if __name__ == "__main__":
