@@ -384,14 +384,19 @@ def plots(results: dict[str, Any], folder: Path) -> None:
 
     for task in results["tasks"]:
         name = task["task"]["name"]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         for method, r in task["methods"].items():
             axes[0].errorbar(r["parameters"], r["accuracy"], yerr=r["ci95"], fmt="o", capsize=3)
             axes[0].annotate(method, (r["parameters"], r["accuracy"]), fontsize=7)
+            if r.get("p50_ms_b32") is not None:
+                axes[2].errorbar(r["p50_ms_b32"], r["accuracy"], yerr=r["ci95"], fmt="o", capsize=3)
+                axes[2].annotate(method, (r["p50_ms_b32"], r["accuracy"]), fontsize=7)
         axes[0].set_xscale("log")
         axes[0].set_xlabel("parameters")
         axes[0].set_ylabel("accuracy")
         axes[0].set_title(f"{name}: accuracy against parameters")
+        axes[2].set_xlabel("ONNX Runtime p50 latency at batch 32 (ms)")
+        axes[2].set_title("accuracy against latency")
         qs = task["quantiles"]
         axes[1].plot([float(q) for q in qs], [1 - r["parameters"] / task["methods"]["original"]["parameters"]
                                               for r in qs.values()], "o-", label="reduction")
