@@ -41,7 +41,8 @@ class HeadwiseAttention(nn.MultiheadAttention):
         if need_weights:
             scores = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
             weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v
+            weights = F.dropout(weights, dropout, self.training)  # returned after dropout, as torch does
+            out = weights @ v
             weights = weights.mean(dim=1) if average_attn_weights else weights
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
