@@ -19,13 +19,13 @@ Every error raised on purpose derives from :class:`FxCompressError`.
 
 from fxcompress import calibrate
 from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
-from fxcompress.capture import capture, fold_batch_norms
+from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
 from fxcompress.distill import DistillConfig, DistillResult, accuracy, distill, kd_loss
 from fxcompress.errors import (CaptureError, ConfigError, DataError, DatasetError, ExportError, FxCompressError,
                                TrainingError)
 from fxcompress.export import ExportReport, export_onnx, validate_onnx
-from fxcompress.rewrite import Projection, RewriteError, rewrite
+from fxcompress.rewrite import Projection, RewriteError, fold_batch_norms, rewrite
 from fxcompress.rmtkd import RMTKDConfig, RMTKDResult, Round, rmtkd
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
 

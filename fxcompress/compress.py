@@ -23,9 +23,9 @@ from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate
-from fxcompress.capture import capture, fold_batch_norms
+from fxcompress.capture import capture
 from fxcompress.errors import ConfigError, DataError
-from fxcompress.rewrite import Projection, rewrite
+from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, select_rank
 from fxcompress.spectral.rules import MP_RULES
 
@@ -44,7 +44,7 @@ class CompressConfig:
     that is exact (across ReLU/BatchNorm), projection elsewhere; or ``"magnitude"``: the
     channels whose producer weights have the largest L2 norm (the structured-pruning
     baseline, blind to the activations). ``fold_batchnorm``: fold each BatchNorm into the
-    convolution or linear layer before it first (:func:`fxcompress.capture.fold_batch_norms`),
+    convolution or linear layer before it first (:func:`fxcompress.rewrite.fold_batch_norms`),
     so rotations become exact where BatchNorm alone stopped them; the result has no BatchNorm
     left to train.
     """

@@ -13,6 +13,7 @@ For a group of width ``d`` and a ``k × d`` matrix ``P`` (orthonormal rows; a se
 * a group split into attention heads takes a block-diagonal ``P`` (every head narrowed to
   ``k/H``); the head-dim constants of its reshapes follow, and SDPA keeps its scale.
 
+BatchNorm that follows a convolution can first be folded into it (:func:`fold_batch_norms`).
 The input module is never modified: the rewrite works on a deep copy.
 """
 
@@ -74,6 +75,59 @@ def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection]) 
     out.graph.lint()
     out.recompile()
     return out
+
+
+def fold_batch_norms(gm: GraphModule) -> GraphModule:
+    """A copy of captured ``gm`` with every BatchNorm that follows a convolution or linear layer
+    (and is its only user) folded into that layer's weight and bias, with the running statistics.
+
+    The copy computes the same function in eval mode. A group's producers are then no longer
+    scaled channel by channel, so a rotation becomes exact where nothing else (a ReLU) stops it —
+    MobileNetV2's linear bottlenecks, for one. The folded model has no BatchNorm left to train:
+    fold for one-shot compression or deployment, not before fine-tuning from scratch.
+    """
+    out = copy.deepcopy(gm)
+    for node in list(out.graph.nodes):
+        layer = node.args[0] if node.op == "call_module" and node.args else None
+        bn = out.get_submodule(node.target) if layer is not None else None
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and _foldable(layer, bn):
+            _fold_into(out, layer, bn)
+            node.replace_all_uses_with(layer)
+            out.graph.erase_node(node)
+    out.graph.lint()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    return out
+
+
+FOLDABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
+
+
+def _foldable(layer: object, bn: nn.Module) -> bool:
+    """A layer whose only user is the BatchNorm, with its own (unshared) weight and bias."""
+    if not isinstance(layer, Node) or layer.op != "call_function" or layer.target not in FOLDABLE:
+        return False
+    if len(layer.users) != 1 or bn.running_mean is None:
+        return False
+    params = [p for p in layer.args[1:3] if p is not None]
+    return all(isinstance(p, Node) and p.op == "get_attr" and len(p.users) == 1 for p in params)
+
+
+def _fold_into(gm: GraphModule, layer: Node, bn: nn.Module) -> None:
+    """``W ← s·W``, ``b ← s·(b − μ) + β`` with ``s = γ/√(σ² + ε)``, per output channel."""
+    weight_name = layer.args[1].target
+    weight = _get(gm, weight_name).detach()
+    work = torch.float64
+    scale = (bn.weight.detach().to(work) if bn.affine else 1.0) / torch.sqrt(bn.running_var.to(work) + bn.eps)
+    shift = bn.bias.detach().to(work) if bn.affine else torch.zeros_like(scale)
+    bias_node = layer.args[2] if len(layer.args) > 2 else None
+    bias = _get(gm, bias_node.target).detach().to(work) if bias_node is not None else torch.zeros_like(scale)
+    _set(gm, weight_name, (weight.to(work) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))).to(weight.dtype))
+    folded = ((bias - bn.running_mean.to(work)) * scale + shift).to(weight.dtype)
+    if bias_node is not None:
+        _set(gm, bias_node.target, folded)
+    else:
+        _add_bias(gm, layer, weight_name, folded)
 
 
 class _Slices:
@@ -159,9 +213,8 @@ def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
 
 def _along(t: torch.Tensor, p: torch.Tensor, axis: int, start: int = 0, length: int | None = None) -> torch.Tensor:
     """Contract axis ``axis`` of ``t`` with ``P``'s columns (in float64 for float64 tensors, float32
-    otherwise; original dtype out);
-    with ``length``, only the slice ``[start, start + length)`` of the axis (a concatenation's part).
-    A selection ``P`` is an index: the kept entries are copied, not multiplied."""
+    otherwise; original dtype out); with ``length``, only the slice ``[start, start + length)`` of
+    the axis (a concatenation's part). A selection ``P`` is an index: the kept entries are copied."""
     index = _selection_index(p)
     if index is not None:
         end = t.shape[axis] if length is None else start + length

@@ -10,9 +10,9 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from fxcompress.analysis import analyze_graph
 from fxcompress.attention import HeadwiseAttention, make_headwise
-from fxcompress.capture import capture, fold_batch_norms
+from fxcompress.capture import capture
 from fxcompress.errors import CaptureError, FxCompressError
-from fxcompress.rewrite import Projection, rewrite
+from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from zoo import ORACLES, ConvBNResidual
 
 

@@ -195,7 +195,7 @@ class CovarianceAccumulator:
         if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(data).all()):
             bad = int((~torch.isfinite(data)).sum())
             raise DataError(f"activation batch holds {bad} NaN/Inf values: check the model and its inputs")
-        shift = self.shift if self.shift is not None else self._ensure_shift((total / rows.shape[0]).cpu().numpy())
+        shift = self._ensure_shift((total / rows.shape[0]).cpu().numpy())
         centred = data - torch.as_tensor(shift, device=rows.device)
         if self._rows is not None and self.count + rows.shape[0] <= self.dim:
             self._rows.append(centred.cpu().numpy())
