@@ -20,7 +20,7 @@ import fxcompress
 from fxcompress.analysis import analyze_graph
 from fxcompress.calibrate import as_call, calibrate
 from fxcompress.capture import capture
-from fxcompress.compress import _decide, _targets
+from fxcompress.compress import _select, _targets
 from fxcompress.rewrite import rewrite
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     totals = [sum(stages.values()) for stages, _, _ in runs]
     print(f"  {'total':32s} {totals[0]:8.2f} s {totals[1]:6.2f} s   (goal ≤ 5 s)")
     _, accs, module = runs[-1]
-    mib = sum(a.state_bytes() for a in accs.values()) / 2**20
+    mib = sum(a.state_bytes() for blocks in accs.values() for a in blocks) / 2**20
     print(f"  covariance state: {len(accs)} groups, {mib:.0f} MiB (O(d²) per group, flat in the sample count)")
     print(f"  parameters after: {sum(p.numel() for p in module.parameters()):,}")
 
@@ -65,7 +65,7 @@ def _stages(model, batches, config) -> tuple[dict[str, float], dict, torch.nn.Mo
     targets = _targets(plan, config)
     accs = calibrate(gm, targets, batches, config.correlated_samples)
     lap("calibration (2 batches)")
-    decisions = {g.name: _decide(gm, g, accs[g.name], config) for g in targets}
+    decisions = _select(gm, targets, accs, config)
     lap("rank selection + eigenvectors")
     module = rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None})
     lap("rewrite")

@@ -4,6 +4,8 @@ The captured graph is copied into a *probe module* whose outputs are the probe a
 of the chosen groups (dead code past them is dropped), called exactly like the model.
 Activations with a sequence or spatial axis are fed as sequences, so the circular-shift
 null can correct for correlated samples; an ``attention_mask`` in the batch masks padding.
+A group of attention heads gets one accumulator per head: only the heads' own (diagonal)
+covariance blocks are ever used, ``blocks`` times less work and memory than the whole.
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ def probe_module(gm: GraphModule, probes: Sequence[str]) -> GraphModule:
     return pm.eval()
 
 
+Accumulators = tuple[CovarianceAccumulator, ...]  # one per block of a group (per head; one for a plain width)
+
+
 def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any],
-              correlated_samples: bool = True) -> dict[str, CovarianceAccumulator]:
-    """Stream ``data`` through ``gm``; return each group's covariance accumulator.
+              correlated_samples: bool = True) -> dict[str, Accumulators]:
+    """Stream ``data`` through ``gm``; return each group's covariance accumulators, one per block.
 
     Under ``torch.distributed`` every rank passes the same ``data``: rank ``r`` of ``W``
     runs batches ``r, r + W, …``, and the accumulators are then merged across ranks, so
@@ -68,7 +73,7 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
     rank, world = distributed_rank()
     probes = list(dict.fromkeys(g.probe for g in groups))
     pm = probe_module(gm, probes)
-    accs: dict[str, CovarianceAccumulator] = {}
+    accs: dict[str, Accumulators] = {}
     first, batches = None, 0
     with torch.no_grad():
         for index, batch in enumerate(data):
@@ -97,17 +102,18 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _merge_ranks(accs: dict[str, CovarianceAccumulator]) -> dict[str, CovarianceAccumulator]:
+def _merge_ranks(accs: dict[str, Accumulators]) -> dict[str, Accumulators]:
     """Every rank's accumulators, merged in rank order (the same result on every rank)."""
-    gathered: list[dict[str, CovarianceAccumulator]] = [{} for _ in range(torch.distributed.get_world_size())]
+    gathered: list[dict[str, Accumulators]] = [{} for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather_object(gathered, accs)
-    merged: dict[str, CovarianceAccumulator] = {}
+    merged: dict[str, Accumulators] = {}
     for part in gathered:
-        for name, acc in part.items():
+        for name, blocks in part.items():
             if name in merged:
-                merged[name].merge(acc)
+                for mine, theirs in zip(merged[name], blocks):
+                    mine.merge(theirs)
             else:
-                merged[name] = acc
+                merged[name] = blocks
     return merged
 
 
@@ -116,10 +122,12 @@ def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correla
     sequences = correlated and x.ndim >= 3
     if sequences:
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-    acc = accs.get(group.name)
-    if acc is None:
-        acc = accs[group.name] = CovarianceAccumulator(group.size, shift_null=sequences)
+    blocks = accs.get(group.name)
+    if blocks is None:
+        blocks = accs[group.name] = tuple(CovarianceAccumulator(group.block_size, shift_null=sequences, seed=h)
+                                          for h in range(group.blocks))
     keep = None
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
         keep = mask.to(x.device) != 0
-    acc.update(x, keep, null_seed=index)  # without the null, (..., d) batches are flattened to samples by update()
+    for acc, part in zip(blocks, x.split(group.block_size, dim=-1)):
+        acc.update(part, keep, null_seed=index)  # without the null, (..., d) batches become rows in update()

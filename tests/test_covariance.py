@@ -83,8 +83,9 @@ def test_memory_does_not_grow_with_samples():
     acc = CovarianceAccumulator(16)
     for _ in range(20):
         acc.update(np.random.default_rng(3).standard_normal((1000, 16)))
-    held = [v for v in vars(acc).values() if isinstance(v, np.ndarray)]
-    assert max(a.size for a in held) == 16 * 16
+    held = [v for v in vars(acc).values() if isinstance(v, (np.ndarray, torch.Tensor))]
+    assert max(a.numel() if isinstance(a, torch.Tensor) else a.size for a in held) == 16 * 16
+    assert acc.state_bytes() == (16 * 16 + 16) * 8
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fxcompress import ConfigError, DataError, FxCompressError
-from fxcompress.spectral import RULES, CovarianceAccumulator, eigenvalues, plot_spectra, plot_spectrum, select_rank
+from fxcompress.spectral import (RULES, CovarianceAccumulator, eigenvalues, plot_spectra, plot_spectrum,
+                                 pooled_effective_samples, select_rank)
 from fxcompress.spectral import mp
 from simulate import ar1_tokens, spiked_eigenvalues, wishart_eigenvalues
 
@@ -251,6 +252,33 @@ def test_circular_shift_null_removes_false_spikes_from_correlated_tokens():
     assert [s.k for s in found] == [5] * 5
     # AR(1) with ρ = 0.5 carries about (1-ρ²)/(1+ρ²) = 60 % of the nominal 4,095 samples
     assert all(0.4 * 4095 < s.diagnostics.effective_samples < 0.8 * 4095 for s in nulled)
+
+
+def test_heads_pool_their_nulls_into_one_steady_effective_sample_size():
+    """Twelve 64-wide heads of AR(1) tokens: one pooled fit lands on the AR(1) value (about
+    60 % of the tokens), inside the scatter of the twelve fits of one head each."""
+    rng = np.random.default_rng(29)
+    heads = [CovarianceAccumulator(64, shift_null=True, seed=h) for h in range(12)]
+    x = ar1_tokens(rng, 32, 64, 12 * 64, rho=0.5)
+    for chunk in np.array_split(x, 2):
+        for h, acc in enumerate(heads):
+            acc.update(chunk[..., h * 64:(h + 1) * 64])
+    n = heads[0].dof()
+    nulls = [acc.null.correlation_eigenvalues() for acc in heads]
+    pooled = pooled_effective_samples(nulls, n)
+    assert 0.4 * n < pooled < 0.8 * n  # AR(1), ρ = 0.5: about 60 % of the tokens
+    alone = [select_rank(acc.eigenvalues(), n, null_eigenvalues=null).diagnostics.effective_samples
+             for acc, null in zip(heads, nulls)]
+    assert min(alone) < pooled < max(alone)
+    given = select_rank(heads[0].eigenvalues(), n, n_effective=pooled)
+    assert given.n_samples == given.diagnostics.effective_samples == pooled
+    assert pooled_effective_samples(nulls[:1], n) == alone[0]
+    with pytest.raises(ConfigError, match="not both"):
+        select_rank(heads[0].eigenvalues(), n, null_eigenvalues=nulls[0], n_effective=pooled)
+    with pytest.raises(ConfigError, match="n_effective must"):
+        select_rank(heads[0].eigenvalues(), n, n_effective=n + 1)
+    with pytest.raises(DataError, match="one size"):
+        pooled_effective_samples([nulls[0], np.linspace(1, 2, 32)], n)
 
 
 # -- bad input ---------------------------------------------------------------------------------

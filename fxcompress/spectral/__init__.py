@@ -18,7 +18,8 @@ Example:
 from fxcompress.spectral.covariance import CovarianceAccumulator, channel_samples
 from fxcompress.spectral.plot import plot_spectra, plot_spectrum
 from fxcompress.spectral.rules import RULES, RuleOutcome, Spectrum, register_rule
-from fxcompress.spectral.selection import Diagnostics, RankSelection, eigenvalues, select_rank
+from fxcompress.spectral.selection import (Diagnostics, RankSelection, eigenvalues, pooled_effective_samples,
+                                           select_rank)
 
 __all__ = [
     "RULES",
@@ -31,6 +32,7 @@ __all__ = [
     "eigenvalues",
     "plot_spectra",
     "plot_spectrum",
+    "pooled_effective_samples",
     "register_rule",
     "select_rank",
 ]

@@ -1,10 +1,12 @@
 """Streaming covariance of hidden activations, in float64, in O(d²) memory.
 
-Activations arrive batch by batch with the feature dimension last. The accumulator keeps
-float64 sums of ``(x - s)(x - s)ᵀ``, ``(x - s)`` and the count, where ``s`` is a fixed
+Activations arrive batch by batch with the feature dimension last. The accumulator keeps,
+as torch tensors on the activations' device, float64 sums of ``(x - s)(x - s)ᵀ``, ``(x - s)`` and the count, where ``s`` is a fixed
 shift (by default the mean of the first batch): shifting before summing keeps the
 centred covariance accurate when the mean is large next to the spread, and sums still
 add, so accumulators over different shards :meth:`~CovarianceAccumulator.merge` exactly.
+Feeding is torch only and the spectra are NumPy/LAPACK only: interleaving small calls of
+the two libraries' thread pools makes each wait on the other's spinning threads.
 
 Tokens of one sequence are correlated samples; with ``shift_null=True`` the accumulator
 also sums a *null* covariance in which every feature is rolled by its own random offset
@@ -29,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from fxcompress.errors import DataError
@@ -66,9 +69,9 @@ class CovarianceAccumulator:
             raise DataError(f"a spectrum needs at least 2 features, got dim={dim!r}")
         self.dim = int(dim)
         self.count = 0
-        self._xtx: np.ndarray | None = None  # Σ (x-s)(x-s)ᵀ, once there are more samples than features
-        self._rows: list[np.ndarray] | None = []  # the rows x - s themselves, while count ≤ dim
-        self._sum = np.zeros(self.dim)
+        self._xtx: torch.Tensor | None = None  # Σ (x-s)(x-s)ᵀ, once there are more samples than features
+        self._rows: list[torch.Tensor] | None = []  # the rows x - s themselves, while count ≤ dim
+        self._sum = torch.zeros(self.dim, dtype=torch.float64)
         self.shift = None if shift is None else self._check_shift(shift)
         self.null = CovarianceAccumulator(self.dim, shift=self.shift) if shift_null else None
         self._seed = seed
@@ -95,14 +98,15 @@ class CovarianceAccumulator:
             raise DataError(f"can only merge a CovarianceAccumulator of dim {self.dim}, got {other!r}")
         if other.count:
             shift = self._ensure_shift(other.shift)
+            offset = torch.from_numpy(other.shift - shift).to(self._sum.device)
             if self._rows is not None and other._rows is not None and self.count + other.count <= self.dim:
-                self._rows.extend(r + (other.shift - shift) for r in other._rows)
-                self._sum += other._sum + other.count * (other.shift - shift)
+                self._rows.extend(r.to(self._sum.device) + offset for r in other._rows)
+                self._sum += other._sum.to(self._sum.device) + other.count * offset
             else:
                 xtx, total = other._sums_about(shift)
                 self._flush()
-                self._xtx += xtx
-                self._sum += total
+                self._xtx += xtx.to(self._xtx.device)
+                self._sum += total.to(self._sum.device)
             self.count += other.count
         if self.null is not None and other.null is not None:
             self.null.merge(other.null)
@@ -112,7 +116,7 @@ class CovarianceAccumulator:
     def mean(self) -> np.ndarray:
         """Mean of the features seen so far."""
         self._require_samples(1)
-        return self.shift + self._sum / self.count
+        return self.shift + self._sum.cpu().numpy() / self.count
 
     def dof(self, centered: bool = True) -> int:
         """Degrees of freedom of :meth:`covariance`: ``n - 1`` when centred, else ``n``."""
@@ -122,10 +126,10 @@ class CovarianceAccumulator:
         """The ``dim × dim`` covariance: centred with divisor ``n - 1``, or ``E[xxᵀ]`` (divisor ``n``)."""
         self._require_samples(2)
         if centered:
-            cov = np.outer(self._sum, self._sum / -self.count)
-            cov += self._gram()
+            cov = self._gram() - torch.outer(self._sum, self._sum / self.count)
         else:
             cov, _ = self._sums_about(np.zeros(self.dim))
+        cov = cov.cpu().numpy()
         cov /= self.dof(centered)
         return cov
 
@@ -151,16 +155,30 @@ class CovarianceAccumulator:
                 return np.linalg.eigvalsh(self.covariance(centered))[::-1], None
             values, vecs = np.linalg.eigh(self.covariance(centered))
             return values[::-1], vecs[:, ::-1]
-        self._require_samples(2)
-        data = self._data(centered)
-        gram = data @ data.T / self.dof(centered)
+        data, gram = self._gram_of_rows(centered)
         if not vectors:
             return self._padded(np.linalg.eigvalsh(gram)[::-1]), None
         values, u = np.linalg.eigh(gram)
         values, u = values[::-1], u[:, ::-1]
-        keep = values > Spectrum.nonzero_floor(max(values[0], 0.0), self.dim, self.count)
-        vecs = data.T @ u[:, keep] / np.sqrt(values[keep] * self.dof(centered))
-        return self._padded(values), vecs
+        return self._padded(values), self._lift(data, values, u, centered)
+
+    def leading_eigenvectors(self, k: int, centered: bool = True) -> np.ndarray:
+        """The eigenvectors (columns) of the ``k`` largest eigenvalues of :meth:`covariance`.
+
+        Only those are computed (LAPACK's subset driver). While there are no more samples
+        than features, they come from the Gram matrix, and only those of non-zero
+        eigenvalues exist: then fewer than ``k`` columns may come back.
+        """
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise DataError(f"k must be a positive number of eigenvectors, got {k!r}")
+        if self._rows is None:
+            k = min(int(k), self.dim)
+            _, vecs = scipy.linalg.eigh(self.covariance(centered), subset_by_index=[self.dim - k, self.dim - 1])
+            return vecs[:, ::-1]
+        data, gram = self._gram_of_rows(centered)
+        n, k = gram.shape[0], min(int(k), gram.shape[0])
+        values, u = scipy.linalg.eigh(gram, subset_by_index=[n - k, n - 1])
+        return self._lift(data, values[::-1], u[:, ::-1], centered)
 
     def correlation_eigenvalues(self, centered: bool = True) -> np.ndarray:
         """Eigenvalues (descending) of :meth:`correlation`."""
@@ -172,8 +190,8 @@ class CovarianceAccumulator:
 
     def state_bytes(self) -> int:
         """Memory held: at most one ``dim × dim`` float64 matrix (rows or sums), plus the null's."""
-        own = self._xtx.nbytes if self._xtx is not None else sum(r.nbytes for r in self._rows)
-        return own + self._sum.nbytes + (self.null.state_bytes() if self.null is not None else 0)
+        held = [self._xtx] if self._xtx is not None else self._rows
+        return sum(t.nbytes for t in held) + self._sum.nbytes + (self.null.state_bytes() if self.null is not None else 0)
 
     def select_rank(self, rule: str = "mp-robust", *, centered: bool = True, **options: Any):
         """:func:`fxcompress.spectral.select_rank` on this covariance (and its null, if kept)."""
@@ -195,14 +213,16 @@ class CovarianceAccumulator:
         if not bool(torch.isfinite(total).all()) and not bool(torch.isfinite(data).all()):
             bad = int((~torch.isfinite(data)).sum())
             raise DataError(f"activation batch holds {bad} NaN/Inf values: check the model and its inputs")
+        if self.count == 0:
+            self._sum = self._sum.to(data.device)  # the state lives where the activations do
         shift = self._ensure_shift((total / rows.shape[0]).cpu().numpy())
-        centred = data - torch.as_tensor(shift, device=rows.device)
+        centred = data - torch.from_numpy(shift).to(data.device)
         if self._rows is not None and self.count + rows.shape[0] <= self.dim:
-            self._rows.append(centred.cpu().numpy())
+            self._rows.append(centred)
         else:
             self._flush()
-            self._xtx += _gram(centred)
-        self._sum += centred.sum(dim=0).cpu().numpy()
+            self._xtx += centred.T @ centred
+        self._sum += centred.sum(dim=0)
         self.count += rows.shape[0]
 
     def _flush(self) -> None:
@@ -211,32 +231,45 @@ class CovarianceAccumulator:
             self._xtx = self._gram()
             self._rows = None
 
-    def _gram(self) -> np.ndarray:
+    def _gram(self) -> torch.Tensor:
         if self._xtx is not None:
             return self._xtx
         if not self._rows:
-            return np.zeros((self.dim, self.dim))
-        data = np.concatenate(self._rows)
+            return torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self._sum.device)
+        data = torch.cat(self._rows)
         return data.T @ data
+
+    def _gram_of_rows(self, centered: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The kept rows (centred) and their ``n × n`` Gram matrix, scaled as the covariance."""
+        self._require_samples(2)
+        data = self._data(centered)
+        return data, data @ data.T / self.dof(centered)
+
+    def _lift(self, data: np.ndarray, values: np.ndarray, u: np.ndarray, centered: bool) -> np.ndarray:
+        """Covariance eigenvectors from Gram eigenpairs (descending; the largest first), for
+        the eigenvalues that are not numerically zero."""
+        keep = values > Spectrum.nonzero_floor(max(values[0], 0.0), self.dim, self.count)
+        return data.T @ u[:, keep] / np.sqrt(values[keep] * self.dof(centered))
 
     def _padded(self, values: np.ndarray) -> np.ndarray:
         """Gram-matrix eigenvalues (descending) as the ``dim`` eigenvalues of the covariance."""
         return np.concatenate([np.clip(values, 0, None), np.zeros(self.dim - values.size)])
 
     def _data(self, centered: bool) -> np.ndarray:
-        """The kept rows, centred on the mean (or on zero)."""
-        data = np.concatenate(self._rows)
-        return data - self._sum / self.count if centered else data + self.shift
+        """The kept rows, centred on the mean (or on zero), as a NumPy array."""
+        data = torch.cat(self._rows).cpu().numpy()
+        return data - self._sum.cpu().numpy() / self.count if centered else data + self.shift
 
     def _ensure_shift(self, candidate: np.ndarray | None) -> np.ndarray:
         if self.shift is None:
             self.shift = np.zeros(self.dim) if candidate is None else np.array(candidate, dtype=np.float64)
         return self.shift
 
-    def _sums_about(self, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _sums_about(self, point: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Sums of (x - point)(x - point)ᵀ and (x - point), re-based from this shift."""
-        delta = self.shift - point
-        xtx = self._gram() + np.outer(delta, self._sum) + np.outer(self._sum, delta) + self.count * np.outer(delta, delta)
+        delta = torch.from_numpy(self.shift - point).to(self._sum.device)
+        cross = torch.outer(delta, self._sum)
+        xtx = self._gram() + cross + cross.T + self.count * torch.outer(delta, delta)
         return xtx, self._sum + self.count * delta
 
     def _require_samples(self, least: int) -> None:
@@ -293,14 +326,6 @@ def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
 def _inverse(std: np.ndarray) -> np.ndarray:
     """``1/std``, and 0 for zero-variance features."""
     return np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
-
-
-def _gram(rows: torch.Tensor) -> np.ndarray:
-    """``rowsᵀ rows`` in float64; NumPy's ``a.T @ a`` takes the symmetric (syrk) path on CPU."""
-    if rows.device.type == "cpu":
-        a = np.ascontiguousarray(rows.numpy())
-        return a.T @ a
-    return (rows.T @ rows).cpu().numpy()
 
 
 def _roll_within_sequences(t: torch.Tensor, keep: torch.Tensor | None, rng: torch.Generator) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,7 @@ def select_rank(
     min_rank: int = 0,
     round_to: int = 8,
     null_eigenvalues: Any = None,
+    n_effective: int | None = None,
     **options: Any,
 ) -> RankSelection:
     """Choose how many directions of a covariance spectrum to keep.
@@ -136,15 +138,23 @@ def select_rank(
         null_eigenvalues: spectrum of the circular-shift null's *correlation* matrix
             (correlated samples, e.g. tokens); MP rules then use the effective sample size
             it implies instead of ``n_samples``.
+        n_effective: that effective sample size, when already known (e.g. from
+            :func:`pooled_effective_samples` over the heads of a layer); not with ``null_eigenvalues``.
         **options: the rule's own options (see each rule's docstring).
     """
     fn = _lookup(rule)
     _check_common(min_rank, round_to)
     spectrum = _spectrum(eigenvalues, n_samples, dim, "eigenvalues")
+    if null_eigenvalues is not None and n_effective is not None:
+        raise ConfigError("pass null_eigenvalues or n_effective, not both (n_effective is what the null implies)")
     effective = None
     if null_eigenvalues is not None and rule in MP_RULES:
-        null = _spectrum(null_eigenvalues, n_samples, spectrum.dim, "null_eigenvalues")
-        effective = effective_samples(null)
+        effective = effective_samples(_spectrum(null_eigenvalues, n_samples, spectrum.dim, "null_eigenvalues"))
+    elif n_effective is not None and rule in MP_RULES:
+        if not isinstance(n_effective, (int, np.integer)) or not 2 <= n_effective <= n_samples:
+            raise ConfigError(f"n_effective must be an integer in [2, n_samples={n_samples}], got {n_effective!r}")
+        effective = int(n_effective)
+    if effective is not None:
         spectrum = dataclasses.replace(spectrum, n_samples=effective)
     checked = _check_options(rule, fn, options)
     if rule in MP_RULES and spectrum.nonzero.size < MIN_EIGENVALUES:
@@ -167,8 +177,24 @@ def effective_samples(null: Spectrum) -> int:
     ratio γ is fitted by least squares of the upper order statistics (50–99 %, where the
     edge that decides k lives) on MP quantiles.
     """
+    return _fit_effective([null])
+
+
+def pooled_effective_samples(nulls: Sequence[Any], n_samples: int) -> int:
+    """One effective sample size from several null correlation spectra of the same size and
+    samples (the heads of one attention layer): their eigenvalues are pooled, as draws of
+    one MP law, into a single fit: steadier than a fit to one head's few eigenvalues, and
+    one fit instead of one per head.
+    """
+    spectra = [_spectrum(values, n_samples, None, "null_eigenvalues") for values in nulls]
+    if not spectra or len({s.dim for s in spectra}) != 1:
+        raise DataError(f"pooled_effective_samples needs null spectra of one size, got sizes {[s.dim for s in spectra]}")
+    return _fit_effective(spectra)
+
+
+def _fit_effective(nulls: Sequence[Spectrum]) -> int:
     lo, hi = 0.5, 0.99
-    asc = np.sort(null.nonzero)
+    asc = np.sort(np.concatenate([null.nonzero for null in nulls]))
     u = (np.arange(1, asc.size + 1) - 0.5) / asc.size
     sel = (u >= lo) & (u <= hi)
 
@@ -179,7 +205,8 @@ def effective_samples(null: Spectrum) -> int:
         return float(np.sum((asc[sel] - sigma2 * q) ** 2))
 
     best = scipy.optimize.minimize_scalar(residual, bounds=(math.log(1e-4), math.log(1e3)), method="bounded")
-    return int(min(null.n_samples, max(2, round(null.dim_eff / math.exp(best.x)))))
+    dim_eff = float(np.mean([null.dim_eff for null in nulls]))
+    return int(min(nulls[0].n_samples, max(2, round(dim_eff / math.exp(best.x)))))
 
 
 # -- validation --------------------------------------------------------------------------
