@@ -67,7 +67,7 @@ def _stages(model, batches, config) -> tuple[dict[str, float], dict, torch.nn.Mo
     lap("calibration (2 batches)")
     decisions = _select(gm, targets, accs, config)
     lap("rank selection + eigenvectors")
-    module = rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None})
+    module = rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None}, inplace=True)
     lap("rewrite")
     return stages, accs, module
 

@@ -4,8 +4,8 @@ The captured graph is copied into a *probe module* whose outputs are the probe a
 of the chosen groups (dead code past them is dropped), called exactly like the model.
 Activations with a sequence or spatial axis are fed as sequences, so the circular-shift
 null can correct for correlated samples; an ``attention_mask`` in the batch masks padding.
-A group of attention heads gets one accumulator per head: only the heads' own (diagonal)
-covariance blocks are ever used, ``blocks`` times less work and memory than the whole.
+A group of attention heads keeps only its heads' own (diagonal) covariance blocks, ``blocks``
+times less work and memory than the whole, and is split into one accumulator per head.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
     rank, world = distributed_rank()
     probes = list(dict.fromkeys(g.probe for g in groups))
     pm = probe_module(gm, probes)
-    accs: dict[str, Accumulators] = {}
+    accs: dict[str, CovarianceAccumulator] = {}
     first, batches = None, 0
     with torch.no_grad():
         for index, batch in enumerate(data):
@@ -92,7 +92,9 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
                 _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples, index)
     if not batches:
         raise DataError(EMPTY)
-    return _merge_ranks(accs) if world > 1 else accs
+    if world > 1:
+        accs = _merge_ranks(accs)
+    return {name: acc.split() for name, acc in accs.items()}
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -102,18 +104,17 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _merge_ranks(accs: dict[str, Accumulators]) -> dict[str, Accumulators]:
+def _merge_ranks(accs: dict[str, CovarianceAccumulator]) -> dict[str, CovarianceAccumulator]:
     """Every rank's accumulators, merged in rank order (the same result on every rank)."""
-    gathered: list[dict[str, Accumulators]] = [{} for _ in range(torch.distributed.get_world_size())]
+    gathered: list[dict[str, CovarianceAccumulator]] = [{} for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather_object(gathered, accs)
-    merged: dict[str, Accumulators] = {}
+    merged: dict[str, CovarianceAccumulator] = {}
     for part in gathered:
-        for name, blocks in part.items():
+        for name, acc in part.items():
             if name in merged:
-                for mine, theirs in zip(merged[name], blocks):
-                    mine.merge(theirs)
+                merged[name].merge(acc)
             else:
-                merged[name] = blocks
+                merged[name] = acc
     return merged
 
 
@@ -122,12 +123,10 @@ def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correla
     sequences = correlated and x.ndim >= 3
     if sequences:
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-    blocks = accs.get(group.name)
-    if blocks is None:
-        blocks = accs[group.name] = tuple(CovarianceAccumulator(group.block_size, shift_null=sequences, seed=h)
-                                          for h in range(group.blocks))
+    acc = accs.get(group.name)
+    if acc is None:
+        acc = accs[group.name] = CovarianceAccumulator(group.size, blocks=group.blocks, shift_null=sequences)
     keep = None
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
         keep = mask.to(x.device) != 0
-    for acc, part in zip(blocks, x.split(group.block_size, dim=-1)):
-        acc.update(part, keep, null_seed=index)  # without the null, (..., d) batches become rows in update()
+    acc.update(x, keep, null_seed=index)  # without the null, (..., d) batches are flattened to samples by update()

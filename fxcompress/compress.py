@@ -166,10 +166,11 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     accs = calibrate(gm, targets, batches, config.correlated_samples) if targets else {}
     decisions = _select(gm, targets, accs, config)
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
-    module = rewrite(gm, plan, projections)
+    before = num_parameters(gm)
+    module = rewrite(gm, plan, projections, inplace=True)  # gm is this call's own capture
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
     selections = {name: sel for name, (_, sel, _) in decisions.items()}
-    return CompressResult(module, plan, report, num_parameters(gm), num_parameters(module),
+    return CompressResult(module, plan, report, before, num_parameters(module),
                           time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm)
 
 
@@ -203,7 +204,7 @@ def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
             mean = torch.zeros(size, dtype=torch.float64) if step.get("fold_mean", True) else None
             per_head = [h * group.block_size + i for h in range(group.blocks) for i in range(k // group.blocks)]
             projections[name] = dataclasses.replace(Projection.select(per_head, size), mean=mean)
-        module = rewrite(gm, plan, projections)
+        module = rewrite(gm, plan, projections, inplace=True)
     if not isinstance(module, GraphModule):
         module = capture(module, args, kwargs)
     if state_dict is not None:

@@ -63,9 +63,13 @@ class Projection:
         return Projection(matrix)
 
 
-def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection]) -> GraphModule:
-    """A copy of ``gm`` with every group in ``projections`` narrowed to its projection's ``k``."""
-    out = copy.deepcopy(gm)
+def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection], *, inplace: bool = False) -> GraphModule:
+    """A copy of ``gm`` with every group in ``projections`` narrowed to its projection's ``k``.
+
+    ``inplace=True`` narrows ``gm`` itself instead (no copy of its weights): for a module
+    nobody else holds, such as a fresh capture; a failure then leaves it half rewritten.
+    """
+    out = gm if inplace else copy.deepcopy(gm)
     slices = _Slices()
     for name, proj in projections.items():
         group = _check(plan, name, proj)

@@ -86,7 +86,10 @@ def test_narrowing_query_and_key_heads_keeps_the_attention_scale():
     keep = [h * 8 + i for h in range(group.blocks) for i in range(5)]
     out = rewrite(gm, plan, {group.name: Projection.select(keep, group.size)})
     assert out.get_parameter("layers.0.q.weight").shape == (20, 32)
+    assert gm.get_parameter("layers.0.q.weight").shape == (32, 32)  # a copy was narrowed
     assert _rel(out(*x), model(*x)) <= 1e-9
+    assert rewrite(gm, plan, {group.name: Projection.select(keep, group.size)}, inplace=True) is gm
+    assert gm.get_parameter("layers.0.q.weight").shape == (20, 32) and _rel(gm(*x), model(*x)) <= 1e-9
 
 
 def test_narrowing_the_parts_of_nested_concatenations_is_exact_on_dead_channels():

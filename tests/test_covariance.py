@@ -171,3 +171,31 @@ def test_merge_across_rows_and_sums_modes():
     small.merge(big)
     assert small._rows is None and small.count == 900
     assert _rel(small.covariance(), whole.covariance()) < 1e-12
+
+
+@pytest.mark.parametrize("samples", [40, 400])  # rows mode (n ≤ block) and sums mode
+def test_blocks_split_into_what_each_block_fed_alone_holds(samples):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, samples // 4, 3 * 64)) * np.linspace(1, 3, 3 * 64) + 2.0
+    blocked = CovarianceAccumulator(3 * 64, blocks=3, shift_null=True)
+    shard = CovarianceAccumulator(3 * 64, blocks=3, shift_null=True)
+    blocked.update(x[:2], null_seed=0)
+    shard.update(x[2:], null_seed=1)
+    blocked.merge(shard)
+    parts = blocked.split()
+    assert len(parts) == 3
+    if samples > 64:  # sums of the three 64 × 64 blocks (and the null's), not of 192 × 192
+        assert blocked.state_bytes() == 2 * (3 * 64 * 64 + 3 * 64) * 8
+    for h, part in enumerate(parts):
+        alone = CovarianceAccumulator(64)
+        alone.update(x[..., h * 64:(h + 1) * 64])
+        assert part.dim == 64 and part.count == alone.count == samples
+        assert _rel(part.covariance(), alone.covariance()) < 1e-12
+        assert _rel(part.mean(), alone.mean()) < 1e-12
+        assert part.null.count == samples and part.null.correlation_eigenvalues().shape == (64,)
+    with pytest.raises(DataError, match="split"):
+        blocked.covariance()
+    with pytest.raises(DataError, match="blocks must divide"):
+        CovarianceAccumulator(10, blocks=3)
+    with pytest.raises(DataError, match="in 3 blocks"):
+        blocked.merge(CovarianceAccumulator(3 * 64))

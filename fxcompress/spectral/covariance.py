@@ -58,22 +58,28 @@ class CovarianceAccumulator:
 
     Args:
         dim: number of features (the size of the last axis of every batch).
+        blocks: keep only the covariance of ``blocks`` equal groups of consecutive features
+            (attention heads), not across them: ``blocks`` times less work and memory. Take
+            each block's accumulator with :meth:`split` to read its results.
         shift: a fixed vector subtracted before summing; default: the first batch's mean.
         shift_null: also accumulate the circular-shift null (batches need a sequence axis,
             shaped ``(..., tokens, dim)``).
         seed: seed of the null's random offsets.
     """
 
-    def __init__(self, dim: int, *, shift: ArrayLike | None = None, shift_null: bool = False, seed: int = 0):
+    def __init__(self, dim: int, *, blocks: int = 1, shift: ArrayLike | None = None, shift_null: bool = False,
+                 seed: int = 0):
         if not isinstance(dim, (int, np.integer)) or dim < 2:
             raise DataError(f"a spectrum needs at least 2 features, got dim={dim!r}")
-        self.dim = int(dim)
+        if not isinstance(blocks, (int, np.integer)) or blocks < 1 or dim % blocks or dim // blocks < 2:
+            raise DataError(f"blocks must divide dim={dim} into blocks of at least 2 features, got blocks={blocks!r}")
+        self.dim, self.blocks, self.block = int(dim), int(blocks), int(dim) // int(blocks)
         self.count = 0
-        self._xtx: torch.Tensor | None = None  # Σ (x-s)(x-s)ᵀ, once there are more samples than features
-        self._rows: list[torch.Tensor] | None = []  # the rows x - s themselves, while count ≤ dim
+        self._xtx: torch.Tensor | None = None  # Σ (x-s)(x-s)ᵀ per block, once there are more samples than features
+        self._rows: list[torch.Tensor] | None = []  # the rows x - s themselves, while count ≤ block
         self._sum = torch.zeros(self.dim, dtype=torch.float64)
         self.shift = None if shift is None else self._check_shift(shift)
-        self.null = CovarianceAccumulator(self.dim, shift=self.shift) if shift_null else None
+        self.null = CovarianceAccumulator(self.dim, blocks=blocks, shift=self.shift) if shift_null else None
         self._seed = seed
         self._rng = torch.Generator().manual_seed(seed) if shift_null else None
 
@@ -94,12 +100,13 @@ class CovarianceAccumulator:
 
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
         """Add ``other``'s samples into this accumulator (in place) and return ``self``."""
-        if not isinstance(other, CovarianceAccumulator) or other.dim != self.dim:
-            raise DataError(f"can only merge a CovarianceAccumulator of dim {self.dim}, got {other!r}")
+        if not isinstance(other, CovarianceAccumulator) or (other.dim, other.blocks) != (self.dim, self.blocks):
+            raise DataError(f"can only merge a CovarianceAccumulator of dim {self.dim} in {self.blocks} blocks, "
+                            f"got {other!r}")
         if other.count:
             shift = self._ensure_shift(other.shift)
             offset = torch.from_numpy(other.shift - shift).to(self._sum.device)
-            if self._rows is not None and other._rows is not None and self.count + other.count <= self.dim:
+            if self._rows is not None and other._rows is not None and self.count + other.count <= self.block:
                 self._rows.extend(r.to(self._sum.device) + offset for r in other._rows)
                 self._sum += other._sum.to(self._sum.device) + other.count * offset
             else:
@@ -111,6 +118,13 @@ class CovarianceAccumulator:
         if self.null is not None and other.null is not None:
             self.null.merge(other.null)
         return self
+
+    def split(self) -> tuple["CovarianceAccumulator", ...]:
+        """One accumulator per block (with its null), as if each block had been fed alone."""
+        if self.blocks == 1:
+            return (self,)
+        nulls = self.null.split() if self.null is not None else (None,) * self.blocks
+        return tuple(self._part(h, null) for h, null in enumerate(nulls))
 
     # -- results -------------------------------------------------------------------------
     def mean(self) -> np.ndarray:
@@ -125,11 +139,12 @@ class CovarianceAccumulator:
     def covariance(self, centered: bool = True) -> np.ndarray:
         """The ``dim × dim`` covariance: centred with divisor ``n - 1``, or ``E[xxᵀ]`` (divisor ``n``)."""
         self._require_samples(2)
+        self._require_one_block("covariance")
         if centered:
-            cov = self._gram() - torch.outer(self._sum, self._sum / self.count)
+            cov = self._gram() - _outer(self._sum, self._sum / self.count, 1)
         else:
             cov, _ = self._sums_about(np.zeros(self.dim))
-        cov = cov.cpu().numpy()
+        cov = cov[0].cpu().numpy()
         cov /= self.dof(centered)
         return cov
 
@@ -150,6 +165,7 @@ class CovarianceAccumulator:
         Gram matrix of the kept rows, ``(d/n)³`` times cheaper than the ``d × d`` problem;
         only the eigenvectors of non-zero eigenvalues are returned then.
         """
+        self._require_one_block("eigh")
         if self._rows is None:
             if not vectors:
                 return np.linalg.eigvalsh(self.covariance(centered))[::-1], None
@@ -171,6 +187,7 @@ class CovarianceAccumulator:
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise DataError(f"k must be a positive number of eigenvectors, got {k!r}")
+        self._require_one_block("leading_eigenvectors")
         if self._rows is None:
             k = min(int(k), self.dim)
             _, vecs = scipy.linalg.eigh(self.covariance(centered), subset_by_index=[self.dim - k, self.dim - 1])
@@ -182,6 +199,7 @@ class CovarianceAccumulator:
 
     def correlation_eigenvalues(self, centered: bool = True) -> np.ndarray:
         """Eigenvalues (descending) of :meth:`correlation`."""
+        self._require_one_block("correlation_eigenvalues")
         if self._rows is None:
             return np.linalg.eigvalsh(self.correlation(centered))[::-1]
         data = self._data(centered)
@@ -189,7 +207,7 @@ class CovarianceAccumulator:
         return self._padded(np.linalg.eigvalsh(data @ data.T / self.dof(centered))[::-1])
 
     def state_bytes(self) -> int:
-        """Memory held: at most one ``dim × dim`` float64 matrix (rows or sums), plus the null's."""
+        """Memory held: at most ``dim × block`` float64 numbers (rows or sums), plus the null's."""
         held = [self._xtx] if self._xtx is not None else self._rows
         return sum(t.nbytes for t in held) + self._sum.nbytes + (self.null.state_bytes() if self.null is not None else 0)
 
@@ -202,7 +220,8 @@ class CovarianceAccumulator:
         return select_rank(self.eigenvalues(centered), self.dof(centered), rule, **options)
 
     def __repr__(self) -> str:
-        return f"CovarianceAccumulator(dim={self.dim}, count={self.count}, shift_null={self.null is not None})"
+        blocks = f", blocks={self.blocks}" if self.blocks > 1 else ""
+        return f"CovarianceAccumulator(dim={self.dim}{blocks}, count={self.count}, shift_null={self.null is not None})"
 
     # -- internals -----------------------------------------------------------------------
     def _add_rows(self, rows: torch.Tensor) -> None:
@@ -217,27 +236,39 @@ class CovarianceAccumulator:
             self._sum = self._sum.to(data.device)  # the state lives where the activations do
         shift = self._ensure_shift((total / rows.shape[0]).cpu().numpy())
         centred = data - torch.from_numpy(shift).to(data.device)
-        if self._rows is not None and self.count + rows.shape[0] <= self.dim:
+        if self._rows is not None and self.count + rows.shape[0] <= self.block:
             self._rows.append(centred)
         else:
             self._flush()
-            self._xtx += centred.T @ centred
+            self._xtx += _block_gram(centred, self.blocks)
         self._sum += centred.sum(dim=0)
         self.count += rows.shape[0]
 
     def _flush(self) -> None:
-        """Leave rows mode: from now on only the d × d sums are kept."""
+        """Leave rows mode: from now on only the (per block) sums are kept."""
         if self._xtx is None:
             self._xtx = self._gram()
             self._rows = None
 
     def _gram(self) -> torch.Tensor:
+        """Σ (x-s)(x-s)ᵀ of each block, ``(blocks, block, block)``."""
         if self._xtx is not None:
             return self._xtx
         if not self._rows:
-            return torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self._sum.device)
-        data = torch.cat(self._rows)
-        return data.T @ data
+            return torch.zeros(self.blocks, self.block, self.block, dtype=torch.float64, device=self._sum.device)
+        return _block_gram(torch.cat(self._rows), self.blocks)
+
+    def _part(self, h: int, null: "CovarianceAccumulator | None") -> "CovarianceAccumulator":
+        """Block ``h`` as an accumulator of its own (see :meth:`split`)."""
+        cols = slice(h * self.block, (h + 1) * self.block)
+        part = CovarianceAccumulator(self.block, shift=None if self.shift is None else self.shift[cols],
+                                     shift_null=null is not None, seed=self._seed + h)
+        part.null, part.count, part._sum = null, self.count, self._sum[cols].clone()
+        if self._xtx is not None:
+            part._xtx, part._rows = self._xtx[h:h + 1].clone(), None
+        else:
+            part._rows = [rows[:, cols].contiguous() for rows in self._rows]
+        return part
 
     def _gram_of_rows(self, centered: bool) -> tuple[np.ndarray, np.ndarray]:
         """The kept rows (centred) and their ``n × n`` Gram matrix, scaled as the covariance."""
@@ -268,9 +299,14 @@ class CovarianceAccumulator:
     def _sums_about(self, point: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Sums of (x - point)(x - point)ᵀ and (x - point), re-based from this shift."""
         delta = torch.from_numpy(self.shift - point).to(self._sum.device)
-        cross = torch.outer(delta, self._sum)
-        xtx = self._gram() + cross + cross.T + self.count * torch.outer(delta, delta)
+        cross = _outer(delta, self._sum, self.blocks)
+        xtx = self._gram() + cross + cross.transpose(1, 2) + self.count * _outer(delta, delta, self.blocks)
         return xtx, self._sum + self.count * delta
+
+    def _require_one_block(self, what: str) -> None:
+        if self.blocks > 1:
+            raise DataError(f"{what} of an accumulator of {self.blocks} blocks: only the blocks have one; "
+                            "read each block's with split()")
 
     def _require_samples(self, least: int) -> None:
         if self.count < least:
@@ -321,6 +357,17 @@ def _as_tensor(x: ArrayLike, what: str) -> torch.Tensor:
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise DataError(f"{what} must hold real numbers, got dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _block_gram(rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``rowsᵀ rows`` of each block of columns: ``(n, blocks·b)`` → ``(blocks, b, b)``."""
+    per_block = rows.reshape(rows.shape[0], blocks, -1).transpose(0, 1)  # (blocks, n, b)
+    return per_block.transpose(1, 2) @ per_block
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The diagonal blocks of ``outer(a, b)``, ``(blocks, b, b)``."""
+    return a.reshape(blocks, -1, 1) * b.reshape(blocks, 1, -1)
 
 
 def _inverse(std: np.ndarray) -> np.ndarray:
