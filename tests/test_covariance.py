@@ -199,3 +199,18 @@ def test_blocks_split_into_what_each_block_fed_alone_holds(samples):
         CovarianceAccumulator(10, blocks=3)
     with pytest.raises(DataError, match="in 3 blocks"):
         blocked.merge(CovarianceAccumulator(3 * 64))
+
+
+@pytest.mark.parametrize("samples", [120, 900])  # rows mode (n ≤ d) and sums mode
+@pytest.mark.parametrize("k", [5, 60])  # LAPACK's subset driver, and the full decomposition
+def test_leading_eigenvectors_are_the_top_of_eigh(samples, k):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((samples, 200)) * np.linspace(0.5, 4.0, 200) + 1.0
+    acc = CovarianceAccumulator(200)
+    acc.update(x)
+    _, vecs = acc.eigh()
+    top = acc.leading_eigenvectors(k)
+    assert top.shape == (200, k)
+    assert np.allclose(np.abs(np.sum(top * vecs[:, :k], axis=0)), 1.0, atol=1e-8)
+    with pytest.raises(DataError, match="positive number"):
+        acc.leading_eigenvectors(0)
