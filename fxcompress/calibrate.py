@@ -22,6 +22,7 @@ from fxcompress.errors import DataError
 from fxcompress.spectral import CovarianceAccumulator
 
 
+Accumulators = tuple[CovarianceAccumulator, ...]  # one per block of a group (per head; one for a plain width)
 EMPTY = "calib_data is empty: pass an iterable of batches (e.g. a DataLoader over ~10 % of the training set)"
 
 
@@ -57,9 +58,6 @@ def probe_module(gm: GraphModule, probes: Sequence[str]) -> GraphModule:
     graph.eliminate_dead_code()
     pm.recompile()
     return pm.eval()
-
-
-Accumulators = tuple[CovarianceAccumulator, ...]  # one per block of a group (per head; one for a plain width)
 
 
 def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any],

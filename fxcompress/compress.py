@@ -14,8 +14,8 @@ import inspect
 import itertools
 import operator
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -258,11 +258,11 @@ def _select(gm: GraphModule, targets: Sequence[WidthGroup], accs: Mapping[str, S
             config: CompressConfig) -> dict[str, tuple]:
     """Every target's ``(projection or None, selection, transform)``, groups decided in parallel.
 
-    The spectra of wide groups are LAPACK calls, which release the GIL; the many small fits
-    of attention heads are Python. Groups run on a thread each, wide and narrow alternating
-    so the two overlap, with BLAS single-threaded meanwhile.
-    OpenBLAS's own worker threads only slow such calls down (a group of 12 heads took
-    0.16 s with them and 0.09 s without, on a 2-core machine).
+    A wide group's spectrum is LAPACK work, which releases the GIL; a head group's is many
+    small fits in Python. Groups run on as many threads as torch uses, wide and narrow
+    alternating so the two kinds overlap. BLAS is single-threaded meanwhile: OpenBLAS's own
+    worker threads only slow small calls down (12 heads took 0.16 s with them, 0.09 s
+    without, on 2 cores).
     """
     workers = max(1, min(torch.get_num_threads(), len(targets)))
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:

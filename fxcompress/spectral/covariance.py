@@ -1,12 +1,13 @@
 """Streaming covariance of hidden activations, in float64, in O(d²) memory.
 
 Activations arrive batch by batch with the feature dimension last. The accumulator keeps,
-as torch tensors on the activations' device, float64 sums of ``(x - s)(x - s)ᵀ``, ``(x - s)`` and the count, where ``s`` is a fixed
-shift (by default the mean of the first batch): shifting before summing keeps the
-centred covariance accurate when the mean is large next to the spread, and sums still
-add, so accumulators over different shards :meth:`~CovarianceAccumulator.merge` exactly.
-Feeding is torch only and the spectra are NumPy/LAPACK only: interleaving small calls of
-the two libraries' thread pools makes each wait on the other's spinning threads.
+as torch tensors on the activations' device, float64 sums of ``(x - s)(x - s)ᵀ``, ``(x - s)``
+and the count, where ``s`` is a fixed shift (by default the mean of the first batch):
+shifting before summing keeps the centred covariance accurate when the mean is large next
+to the spread, and sums still add, so accumulators over different shards
+:meth:`~CovarianceAccumulator.merge` exactly. Feeding is torch only and the spectra are
+NumPy/LAPACK only: small calls of the two libraries interleaved make each wait on the other's
+spinning worker threads.
 
 Tokens of one sequence are correlated samples; with ``shift_null=True`` the accumulator
 also sums a *null* covariance in which every feature is rolled by its own random offset
@@ -181,9 +182,9 @@ class CovarianceAccumulator:
     def leading_eigenvectors(self, k: int, centered: bool = True) -> np.ndarray:
         """The eigenvectors (columns) of the ``k`` largest eigenvalues of :meth:`covariance`.
 
-        Only those are computed (LAPACK's subset driver) when they are few. While there are no more samples
-        than features, they come from the Gram matrix, and only those of non-zero
-        eigenvalues exist: then fewer than ``k`` columns may come back.
+        Only those are computed (LAPACK's subset driver) when they are few. While there are
+        no more samples than features, they come from the Gram matrix, and only those of
+        non-zero eigenvalues exist: then fewer than ``k`` columns may come back.
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise DataError(f"k must be a positive number of eigenvectors, got {k!r}")
