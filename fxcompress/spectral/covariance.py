@@ -93,6 +93,8 @@ class CovarianceAccumulator:
         """
         t = self._check_batch(x)
         keep = None if mask is None else self._check_mask(mask, t)
+        if keep is not None and bool(keep.all()):
+            keep = None  # nothing masked: the plain path copies and gathers less
         if self.null is not None:
             rng = self._rng if null_seed is None else torch.Generator().manual_seed(self._seed + 7919 * (null_seed + 1))
             self.null.update(_roll_within_sequences(t, keep, rng))
