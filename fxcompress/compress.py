@@ -299,13 +299,11 @@ def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumul
 
 
 def _null(accs: Sequence[CovarianceAccumulator], rule: str) -> dict[str, Any]:
-    """What the circular-shift null tells the MP rules (which use it), when kept: the null's
-    spectrum for a whole group; for heads, one effective sample size pooled over them."""
+    """The effective sample size the circular-shift null implies, for the MP rules (which use
+    it) when kept: one fit, pooled over a group's heads (a single null without heads)."""
     if rule not in MP_RULES or accs[0].null is None:
         return {}
     nulls = [acc.null.correlation_eigenvalues() for acc in accs]
-    if len(nulls) == 1:
-        return {"null_eigenvalues": nulls[0]}
     return {"n_effective": pooled_effective_samples(nulls, accs[0].dof())}
 
 

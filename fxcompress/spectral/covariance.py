@@ -142,7 +142,7 @@ class CovarianceAccumulator:
     def covariance(self, centered: bool = True) -> np.ndarray:
         """The ``dim × dim`` covariance: centred with divisor ``n - 1``, or ``E[xxᵀ]`` (divisor ``n``)."""
         self._require_samples(2)
-        self._require_one_block("covariance")
+        self._require_one_block()
         if centered:
             cov = self._gram() - _outer(self._sum, self._sum / self.count, 1)
         else:
@@ -168,7 +168,6 @@ class CovarianceAccumulator:
         Gram matrix of the kept rows, ``(d/n)³`` times cheaper than the ``d × d`` problem;
         only the eigenvectors of non-zero eigenvalues are returned then.
         """
-        self._require_one_block("eigh")
         if self._rows is None:
             if not vectors:
                 return np.linalg.eigvalsh(self.covariance(centered))[::-1], None
@@ -190,7 +189,6 @@ class CovarianceAccumulator:
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise DataError(f"k must be a positive number of eigenvectors, got {k!r}")
-        self._require_one_block("leading_eigenvectors")
         if self._rows is None:
             _, vecs = _leading_eigh(self.covariance(centered), k)
             return vecs
@@ -200,7 +198,6 @@ class CovarianceAccumulator:
 
     def correlation_eigenvalues(self, centered: bool = True) -> np.ndarray:
         """Eigenvalues (descending) of :meth:`correlation`."""
-        self._require_one_block("correlation_eigenvalues")
         if self._rows is None:
             return np.linalg.eigvalsh(self.correlation(centered))[::-1]
         data = self._data(centered)
@@ -289,6 +286,7 @@ class CovarianceAccumulator:
 
     def _data(self, centered: bool) -> np.ndarray:
         """The kept rows, centred on the mean (or on zero), as a NumPy array."""
+        self._require_one_block()
         data = torch.cat(self._rows).cpu().numpy()
         return data - self._sum.cpu().numpy() / self.count if centered else data + self.shift
 
@@ -304,10 +302,11 @@ class CovarianceAccumulator:
         xtx = self._gram() + cross + cross.transpose(1, 2) + self.count * _outer(delta, delta, self.blocks)
         return xtx, self._sum + self.count * delta
 
-    def _require_one_block(self, what: str) -> None:
+    def _require_one_block(self) -> None:
+        """Every result comes through covariance() or _data(): a blocked accumulator has none of its own."""
         if self.blocks > 1:
-            raise DataError(f"{what} of an accumulator of {self.blocks} blocks: only the blocks have one; "
-                            "read each block's with split()")
+            raise DataError(f"this accumulator keeps {self.blocks} separate blocks and has no covariance or "
+                            "spectrum of its own: read each block's from split()")
 
     def _require_samples(self, least: int) -> None:
         if self.count < least:
