@@ -7,7 +7,8 @@ one rule per op kind, not one per frontend. The capture then makes the graph a d
 trainable module:
 
 * the model is deep-copied first: exported parameters alias the user's tensors, and the
-  user's model is never mutated, not even on failure;
+  user's model is never mutated, not even on failure (``share_weights`` copies the module
+  structure only, for a caller that gives the result its own tensors: :func:`own_weights`);
 * batch axes (and the sequence axes of integer inputs) are dynamic, so the module accepts
   other batch sizes, and the export's shape guards are dropped;
 * ``nn.MultiheadAttention`` is computed with an explicit head axis (:mod:`fxcompress.attention`);
@@ -23,10 +24,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -38,15 +41,21 @@ from fxcompress.errors import CaptureError
 aten = torch.ops.aten
 
 
-def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any] | None = None) -> GraphModule:
+def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any] | None = None, *,
+            share_weights: bool = False) -> GraphModule:
     """Capture ``model`` (``nn.Module``, ``GraphModule`` or ``ExportedProgram``) as an ATen graph.
 
     ``example_args``/``example_kwargs`` are one real input, as the model is called; an
-    ``ExportedProgram`` needs none. The returned module is independent of ``model``.
+    ``ExportedProgram`` needs none. The returned module is independent of ``model``, except
+    with ``share_weights=True``: its parameters and buffers are then ``model``'s own tensors,
+    which nothing in fxcompress writes to, and the caller must call ``own_weights(module,
+    model)`` before handing the module to anything that may (an optimizer, ``.train()``
+    BatchNorm). ``compress`` does so after its rewrite, which replaces every tensor it
+    narrows, so a compressed model's weights are copied once, not twice.
     """
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     kwargs = dict(example_kwargs or {})
-    program = _export(model, args, kwargs)
+    program = _export(model, args, kwargs, share_weights)
     gm = program.module()
     gm = GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Captured{type(model).__name__}")
     _drop_guards(gm)
@@ -58,20 +67,57 @@ def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any
     return gm
 
 
-def _export(model: Any, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+def own_weights(module: nn.Module, source: Any) -> None:
+    """Give ``module`` its own copy of every parameter and buffer that shares memory with
+    ``source``'s (a module or an ``ExportedProgram``), views included; tied tensors stay tied."""
+    shared = {t.untyped_storage().data_ptr() for t in _tensors(source) if t.numel()}
+    copies: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for key, tensor in store.items():
+                if tensor is not None and tensor.numel() and tensor.untyped_storage().data_ptr() in shared:
+                    if id(tensor) not in copies:
+                        copies[id(tensor)] = _copy_tensor(tensor)
+                    store[key] = copies[id(tensor)]
+
+
+def _copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad)
+    return tensor.detach().clone()
+
+
+def _tensors(source: Any) -> Iterator[torch.Tensor]:
+    """The parameters and buffers of a module, or the state and constants of a program."""
+    if isinstance(source, torch.export.ExportedProgram):
+        yield from source.state_dict.values()
+        yield from (c for c in source.constants.values() if isinstance(c, torch.Tensor))
+    elif isinstance(source, nn.Module):
+        yield from source.parameters()
+        yield from source.buffers()
+
+
+def _copy(model: Any, share_weights: bool) -> Any:
+    """A deep copy of ``model``; with ``share_weights``, of its structure only (its tensors are shared)."""
+    return copy.deepcopy(model, {id(t): t for t in _tensors(model)} if share_weights else None)
+
+
+def _export(model: Any, args: tuple, kwargs: dict, share_weights: bool) -> torch.export.ExportedProgram:
     if isinstance(model, torch.export.ExportedProgram):
-        return copy.deepcopy(model)
+        return _copy(model, share_weights)
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
                            f"got {type(model).__name__}")
     if not args and not kwargs:
         raise CaptureError("capturing a module needs example inputs: pass one batch as the model is called")
-    work = copy.deepcopy(model).eval()
+    work = _copy(model, share_weights).eval()
     make_headwise(work)  # nn.MultiheadAttention with an explicit head axis the analysis can follow
     if getattr(getattr(work, "config", None), "use_cache", False):
         work.config.use_cache = False  # a KV cache object is not a tensor output; compression needs none
+    dynamic = dynamic_shapes(args, kwargs)
     try:
-        return torch.export.export(work, args, kwargs, dynamic_shapes=dynamic_shapes(args, kwargs), strict=False)
+        with _tracing(oblivious=dynamic is not None and _has_unit_axis(args, kwargs)):
+            return torch.export.export(work, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch raises many types; all mean "could not capture"
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {_first_line(exc)}\n"
@@ -80,16 +126,20 @@ def _export(model: Any, args: tuple, kwargs: dict) -> torch.export.ExportedProgr
         ) from exc
 
 
+@contextlib.contextmanager
+def _tracing(oblivious: bool) -> Iterator[None]:
+    """Export's settings: no Python stack trace on every node (nothing here reads them, and
+    they cost a fifth of the export); with ``oblivious``, sizes 0 and 1 are not specialised."""
+    with mock.patch.object(torch.fx.config, "do_not_emit_stack_traces", True), \
+            torch.fx.experimental._config.patch(backed_size_oblivious=oblivious):
+        yield
+
+
 def dynamic_shapes(args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | None:
     """Batch axes dynamic; for integer inputs (token ids, masks) the sequence axis too."""
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            if value.ndim == 0:
-                return None
-            axes = {0: torch.export.Dim.AUTO}
-            if not value.is_floating_point() and value.ndim >= 2:
-                axes[1] = torch.export.Dim.AUTO
-            return axes
+            return {axis: torch.export.Dim.AUTO for axis in _dynamic_axes(value)} or None
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
         if isinstance(value, dict):
@@ -101,6 +151,19 @@ def dynamic_shapes(args: tuple, kwargs: dict) -> tuple[Any, dict[str, Any]] | No
     if not kwargs:
         return tuple(spec(a) for a in args)
     return None  # mixed positional and keyword inputs: let export keep static shapes
+
+
+def _dynamic_axes(value: torch.Tensor) -> tuple[int, ...]:
+    if value.ndim == 0:
+        return ()
+    return (0, 1) if not value.is_floating_point() and value.ndim >= 2 else (0,)
+
+
+def _has_unit_axis(args: tuple, kwargs: dict) -> bool:
+    """Whether a dynamic axis of the example has size 0 or 1. Export would specialise it (a
+    batch of one baked into every reshape), unless it reasons about sizes obliviously."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return any(t.shape[axis] <= 1 for t in leaves if isinstance(t, torch.Tensor) for axis in _dynamic_axes(t))
 
 
 def _first_line(exc: Exception) -> str:

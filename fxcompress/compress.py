@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate
-from fxcompress.capture import capture
+from fxcompress.capture import capture, own_weights
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
@@ -159,7 +159,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     start = time.perf_counter()
     batches = _batches(calib_data)
     args, kwargs = as_call(example_inputs if example_inputs is not None else batches[0])
-    gm = capture(model, args, kwargs)
+    gm = capture(model, args, kwargs, share_weights=True)  # nothing below writes to a weight
     if config.fold_batchnorm:
         gm = fold_batch_norms(gm)
     plan = analyze_graph(gm)
@@ -169,8 +169,9 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     before = num_parameters(gm)
     module = rewrite(gm, plan, projections, inplace=True)  # gm is this call's own capture
+    own_weights(module, model)  # copies what the rewrite left as it was: the result is the caller's to train
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
-    selections = {name: sel for name, (_, sel, _) in decisions.items()}
+    selections = {name: sel for name, (_, sel, _) in decisions.items() if sel is not None}
     return CompressResult(module, plan, report, before, num_parameters(module),
                           time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm)
 
@@ -266,7 +267,7 @@ def _select(gm: GraphModule, targets: Sequence[WidthGroup], accs: Mapping[str, S
     """
     workers = max(1, min(torch.get_num_threads(), len(targets)))
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        futures = {g.name: pool.submit(_decide, gm, g, accs[g.name], config) for g in _interleaved(targets)}
+        futures = {g.name: pool.submit(_decide_or_keep, gm, g, accs[g.name], config) for g in _interleaved(targets)}
         return {g.name: futures[g.name].result() for g in targets}
 
 
@@ -276,6 +277,16 @@ def _interleaved(groups: Sequence[WidthGroup]) -> list[WidthGroup]:
     middle = (len(ordered) + 1) // 2
     pairs = itertools.zip_longest(ordered[:middle], ordered[middle:][::-1])
     return [g for pair in pairs for g in pair if g is not None]
+
+
+def _decide_or_keep(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumulator],
+                    config: CompressConfig) -> tuple:
+    """:func:`_decide`, or ``(None, None, why)`` for a group whose spectrum says nothing (constant
+    activations, fewer than two samples): that group is kept whole and the report says why."""
+    try:
+        return _decide(gm, group, accs, config)
+    except DataError as exc:
+        return None, None, f"calibration: {exc}; the group is kept whole"
 
 
 def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumulator], config: CompressConfig):
@@ -357,6 +368,8 @@ def _report(group: WidthGroup, decision) -> GroupReport:
         reason = group.frozen_by or (("not targeted",) if group.probe is not None else ("no consumer to probe",))
         return GroupReport(group.name, group.size, group.size, None, None, None, None, None, True, reason)
     proj, sel, transform = decision
+    if sel is None:
+        return GroupReport(group.name, group.size, group.size, None, None, None, None, None, True, (transform,))
     k = group.size if proj is None else proj.k
     exact = proj is None or transform in group.exact
     return GroupReport(group.name, group.size, k, sel.rule, sel.sigma2, sel.lambda_plus, sel.n_signal,

@@ -10,10 +10,10 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from fxcompress.analysis import analyze_graph
 from fxcompress.attention import HeadwiseAttention, make_headwise
-from fxcompress.capture import capture
+from fxcompress.capture import capture, own_weights
 from fxcompress.errors import CaptureError, FxCompressError
 from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
-from zoo import ORACLES, ConvBNResidual
+from zoo import ORACLES, ConvBNResidual, TiedLM
 
 
 def _snapshot(model):
@@ -35,6 +35,33 @@ def test_torchvision_model_captures_as_a_drop_in():
     assert gm.state_dict().keys() == model.state_dict().keys()
 
 
+def _storages(tensors):
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _weights(module):
+    return list(module.parameters()) + list(module.buffers())
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["module", "program"])
+def test_shared_weights_are_the_models_until_owned_and_ties_survive(exported):
+    model = TiedLM().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    source = torch.export.export(model, (ids,)) if exported else model
+    theirs = _storages(source.state_dict.values() if exported else _weights(model))
+    before = _snapshot(model)
+    assert not _storages(_weights(capture(source, (ids,)))) & theirs  # the default: a copy
+    gm = capture(source, (ids,), share_weights=True)
+    assert _storages(_weights(gm)) <= theirs
+    own_weights(gm, source)
+    assert not _storages(_weights(gm)) & theirs
+    assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in model.parameters())  # still tied
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(1.0)  # the module is now free to change
+    assert _same(before, _snapshot(model))
+
+
 def test_symbolic_trace_graph_module_is_accepted():
     model = ConvBNResidual().eval()
     traced = torch.fx.symbolic_trace(model)
@@ -51,11 +78,12 @@ def test_exported_program_is_accepted_without_inputs():
     assert torch.allclose(gm(x), model(x), atol=1e-6)
 
 
-def test_transformers_model_keeps_its_call_signature_and_output_type():
+@pytest.mark.parametrize("batch", [2, 1])  # a batch of one must not be baked into the graph's reshapes
+def test_transformers_model_keeps_its_call_signature_and_output_type(batch):
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=32)
     model = BertForSequenceClassification(cfg).eval()
-    ids = torch.randint(0, 100, (2, 12))
+    ids = torch.randint(0, 100, (batch, 12))
     gm = capture(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     ids2 = torch.randint(0, 100, (3, 7))  # other batch and sequence lengths
     out = gm(input_ids=ids2, attention_mask=torch.ones_like(ids2))

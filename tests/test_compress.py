@@ -165,6 +165,19 @@ def test_keep_all_returns_the_same_function():
     assert torch.allclose(result.module(*data[0]), model(*data[0]), atol=1e-6)
 
 
+def test_a_group_without_a_usable_spectrum_is_kept_whole_and_reported():
+    cls, inputs = ORACLES["residual_mlp"]
+    model = cls().eval()
+    (x,) = inputs(1)
+    data = [(x.expand(8, -1),) for _ in range(2)]  # 16 copies of one sample: every activation is constant
+    result = fxcompress.compress(model, data)
+    assert not result.compressed and "nothing was compressible" in str(result)
+    kept = [r for r in result.report if r.frozen_by and r.frozen_by[0].startswith("calibration:")]
+    assert {r.name for r in kept} == {"fc_in", "blocks.0.fc1", "blocks.1.fc1"}
+    assert all("constant" in r.frozen_by[0] and r.k == r.d for r in kept)
+    assert not set(result.selections) & {r.name for r in kept}
+
+
 @pytest.mark.parametrize("name", sorted(ORACLES))
 # the zoo's widths are 4-64: round_to=1, or rounding up to 8 would keep the smallest whole
 @pytest.mark.parametrize("config", [CompressConfig(rule="fixed", ratio=0.5, round_to=1), CompressConfig(round_to=1)],
@@ -187,6 +200,8 @@ def test_compress_runs_on_the_zoo(name, config):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
     result.module.train()
     result.module(*data[1]).float().sum().backward()  # trainable
+    torch.optim.SGD(result.module.parameters(), lr=0.1).step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # and its own: training it
     blob = result.to_dict()
     assert blob["params_after"] == result.params_after and len(blob["groups"]) == len(result.plan.groups)
 
