@@ -20,7 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import fxcompress
 from fxcompress.analysis import analyze_graph
 from fxcompress.calibrate import as_call, calibrate
-from fxcompress.capture import capture
+from fxcompress.capture import capture, own_weights
 from fxcompress.compress import _select, _targets
 from fxcompress.rewrite import rewrite
 
@@ -61,7 +61,7 @@ def _stages(model, batches, config) -> tuple[dict[str, float], dict, torch.nn.Mo
         now = time.perf_counter()
         stages[name], clock = now - clock, now
 
-    gm = capture(model, *as_call(batches[0]))
+    gm = capture(model, *as_call(batches[0]), share_weights=True)  # as compress does
     lap("capture (torch.export)")
     plan = analyze_graph(gm)
     lap("analysis")
@@ -71,7 +71,8 @@ def _stages(model, batches, config) -> tuple[dict[str, float], dict, torch.nn.Mo
     decisions = _select(gm, targets, accs, config)
     lap("rank selection + eigenvectors")
     module = rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None}, inplace=True)
-    lap("rewrite")
+    own_weights(module, model)
+    lap("rewrite + copy of the untouched weights")
     return stages, accs, module
 
 
