@@ -214,3 +214,18 @@ def test_leading_eigenvectors_are_the_top_of_eigh(samples, k):
     assert np.allclose(np.abs(np.sum(top * vecs[:, :k], axis=0)), 1.0, atol=1e-8)
     with pytest.raises(DataError, match="positive number"):
         acc.leading_eigenvectors(0)
+
+
+def test_spectra_read_between_batches_follow_the_samples():
+    """The rows' Gram matrix is kept between reads of one state, never across new samples."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((90, 120)) * np.linspace(0.5, 3.0, 120)
+    acc, fresh = CovarianceAccumulator(120), CovarianceAccumulator(120)
+    acc.update(x[:40])
+    first = acc.eigenvalues()
+    acc.update(x[40:])
+    fresh.update(x)
+    assert not np.allclose(first, acc.eigenvalues())
+    assert np.allclose(acc.eigenvalues(), fresh.eigenvalues(), atol=1e-12)
+    assert np.allclose(acc.eigenvalues(centered=False), fresh.eigenvalues(centered=False), atol=1e-12)
+    assert np.allclose(np.abs(np.sum(acc.leading_eigenvectors(3) * fresh.leading_eigenvectors(3), axis=0)), 1.0)

@@ -78,6 +78,7 @@ class CovarianceAccumulator:
         self.count = 0
         self._xtx: torch.Tensor | None = None  # Σ (x-s)(x-s)ᵀ per block, once there are more samples than features
         self._rows: list[torch.Tensor] | None = []  # the rows x - s themselves, while count ≤ block
+        self._gram_memo: tuple[tuple[int, bool], np.ndarray] | None = None  # ((count, centred), their Gram matrix)
         self._sum = torch.zeros(self.dim, dtype=torch.float64)
         self.shift = None if shift is None else self._check_shift(shift)
         self.null = CovarianceAccumulator(self.dim, blocks=blocks, shift=self.shift) if shift_null else None
@@ -205,9 +206,12 @@ class CovarianceAccumulator:
         return self._padded(np.linalg.eigvalsh(data @ data.T / self.dof(centered))[::-1])
 
     def state_bytes(self) -> int:
-        """Memory held: at most ``dim × block`` float64 numbers (rows or sums), plus the null's."""
+        """Memory held: at most ``dim × block`` float64 numbers (rows or sums), the ``n × n ≤
+        block²`` Gram matrix of the rows once a spectrum was read, plus the null's."""
         held = [self._xtx] if self._xtx is not None else self._rows
-        return sum(t.nbytes for t in held) + self._sum.nbytes + (self.null.state_bytes() if self.null is not None else 0)
+        gram = self._gram_memo[1].nbytes if self._gram_memo is not None else 0
+        null = self.null.state_bytes() if self.null is not None else 0
+        return sum(t.nbytes for t in held) + self._sum.nbytes + gram + null
 
     def select_rank(self, rule: str = "mp-robust", *, centered: bool = True, **options: Any):
         """:func:`fxcompress.spectral.select_rank` on this covariance (and its null, if kept)."""
@@ -272,7 +276,10 @@ class CovarianceAccumulator:
         """The kept rows (centred) and their ``n × n`` Gram matrix, scaled as the covariance."""
         self._require_samples(2)
         data = self._data(centered)
-        return data, data @ data.T / self.dof(centered)
+        key = (self.count, centered)  # any new sample changes the count
+        if self._gram_memo is None or self._gram_memo[0] != key:  # kept: eigenvalues, then leading eigenvectors
+            self._gram_memo = key, data @ data.T / self.dof(centered)
+        return data, self._gram_memo[1]
 
     def _lift(self, data: np.ndarray, values: np.ndarray, u: np.ndarray, centered: bool) -> np.ndarray:
         """Covariance eigenvectors from Gram eigenpairs (descending; the largest first), for
