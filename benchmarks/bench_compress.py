@@ -72,7 +72,7 @@ def _stages(model, batches, config) -> tuple[dict[str, float], dict, torch.nn.Mo
     lap("rank selection + eigenvectors")
     module = rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None}, inplace=True)
     own_weights(module, model)
-    lap("rewrite + copy of the untouched weights")
+    lap("rewrite + copies of kept weights")
     return stages, accs, module
 
 
