@@ -12,8 +12,8 @@ trainable module:
 * batch axes (and the sequence axes of integer inputs) are dynamic, so the module accepts
   other batch sizes, and the export's shape guards are dropped;
 * ``nn.MultiheadAttention`` is computed with an explicit head axis (:mod:`fxcompress.attention`);
-* ``aten.dropout`` and ``aten.batch_norm`` have the mode of capture time baked in; they
-  become ``nn.Dropout`` / ``nn.BatchNorm*d`` submodules that follow ``.train()``/``.eval()``.
+* dropout (every ``aten`` variant) and ``aten.batch_norm`` have the mode of capture time baked
+  in; they become ``nn.Dropout*`` / ``nn.BatchNorm*d`` submodules that follow ``.train()``/``.eval()``.
 
 Example:
     >>> import torchvision
@@ -185,11 +185,30 @@ def _restore_train_eval(gm: GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target == aten.dropout.default:
-            _swap_for_module(gm, node, nn.Dropout(float(node.args[1])), (node.args[0],))
+        if node.target in DROPOUTS:
+            module = DROPOUTS[node.target](float(node.args[1]), node.args[0].meta["val"].ndim)
+            _swap_for_module(gm, node, module, (node.args[0],))
         elif node.target == aten.batch_norm.default:
             owner = _common_owner(node.args[1:5])
             _swap_for_module(gm, node, _batch_norm_module(gm, node), (node.args[0],), owner)
+
+
+def _feature_dropout(p: float, ndim: int) -> nn.Module:
+    """Whole channels dropped: ``(N, C)`` has one value per channel, so it is plain dropout."""
+    return {3: nn.Dropout1d, 4: nn.Dropout2d, 5: nn.Dropout3d}.get(ndim, nn.Dropout)(p)
+
+
+#: Dropout ops (in place or not: the module computes the same values) → their module, by (p, input ndim).
+DROPOUTS = {
+    aten.dropout.default: lambda p, ndim: nn.Dropout(p),
+    aten.dropout_.default: lambda p, ndim: nn.Dropout(p),
+    aten.feature_dropout.default: _feature_dropout,
+    aten.feature_dropout_.default: _feature_dropout,
+    aten.alpha_dropout.default: lambda p, ndim: nn.AlphaDropout(p),
+    aten.alpha_dropout_.default: lambda p, ndim: nn.AlphaDropout(p),
+    aten.feature_alpha_dropout.default: lambda p, ndim: nn.FeatureAlphaDropout(p),
+    aten.feature_alpha_dropout_.default: lambda p, ndim: nn.FeatureAlphaDropout(p),
+}
 
 
 def _common_owner(params: tuple) -> str | None:

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from fxcompress.analysis import analyze
+from fxcompress.analysis import analyze, analyze_graph
 from fxcompress.analysis.ops import MODULE_RULES, OP_RULES
+from fxcompress.capture import capture
+from fxcompress.rewrite import Projection, rewrite
 from zoo import ORACLES
 
 FROZEN = "frozen"
@@ -72,6 +74,15 @@ EXPECTED = {
         "layer.linear1": (32, ["layer.linear1.weight[0]", "layer.linear1.bias[0]"], ["layer.linear2.weight[1]"], [],
                           ("selection",)),
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
+    },
+    "channel_shuffle": {  # the view that interleaves the concatenated parts freezes them, and the halves split off
+        "a.in": (3, [], ["a.weight[1]", "b.weight[1]"], [], FROZEN),
+        "a": (4, ["a.weight[0]", "a.bias[0]"], [], [], FROZEN),
+        "b": (4, ["b.weight[0]", "b.bias[0]"], [], [], FROZEN),
+        "c.in": (4, [], ["c.weight[1]"], [], FROZEN),
+        "d.in": (4, [], ["d.weight[1]"], [], FROZEN),
+        "c": (6, ["c.weight[0]", "c.bias[0]", "d.weight[0]", "d.bias[0]"], ["fc.weight[1]"], [], ("selection", "projection")),
+        "fc": (2, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
     "unsupported_op": {
         "fc1.in": (8, [], ["fc1.weight[1]"], [], FROZEN),
@@ -180,9 +191,6 @@ def test_plan_prints_and_serialises():
 
 
 def test_analysis_is_pure():
-    from fxcompress.analysis import analyze_graph
-    from fxcompress.capture import capture
-
     cls, inputs = ORACLES["conv_bn_residual"]
     gm = capture(cls().eval(), inputs())
     before = gm.code
@@ -196,3 +204,39 @@ def test_registry_has_rules_for_the_core_ops():
                "aten.add.Tensor", "aten.scaled_dot_product_attention.default", "aten.view.default", "aten.cat.default"):
         assert op in names
     assert torch.nn.BatchNorm2d in MODULE_RULES and torch.nn.Dropout in MODULE_RULES
+
+
+class _Padded(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.a, self.b, self.value = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 3), value
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.pad(self.a(x), (1, 1, 2, 0), value=self.value))
+
+
+@pytest.mark.parametrize("value, exact", [(0.0, ("selection", "projection")), (2.0, ("selection",))])
+def test_padding_passes_channels_and_a_constant_is_a_per_channel_offset(value, exact):
+    torch.manual_seed(0)
+    model = _Padded(value).double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    gm = capture(model, (x,))
+    plan = analyze_graph(gm)
+    assert plan["a"].size == 8 and plan["a"].exact == exact and not plan["a"].frozen
+    rotation = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0]
+    projection = Projection(rotation) if "projection" in exact else Projection.select(torch.randperm(8), 8)
+    assert torch.allclose(rewrite(gm, plan, {"a": projection})(x), model(x), atol=1e-12)
+
+
+def test_rolling_spatial_axes_passes_channels_and_rolling_channels_freezes_them():
+    class Rolled(torch.nn.Module):
+        def __init__(self, dims):
+            super().__init__()
+            self.a, self.b, self.dims = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 4, 1), dims
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(x), shifts=(1,) * len(self.dims), dims=self.dims))
+
+    x = torch.randn(2, 3, 5, 5)
+    assert analyze(Rolled((2, 3)), (x,))["a"].exact == ("selection", "projection")
+    assert "roll rolls this axis" in analyze(Rolled((1,)), (x,))["a"].frozen_by

@@ -106,6 +106,18 @@ def test_train_and_eval_modes_are_followed():
     assert torch.equal(gm(x), gm(x))
 
 
+@pytest.mark.parametrize("dropout", [nn.Dropout(0.5, inplace=True), nn.Dropout2d(0.5), nn.Dropout2d(0.5, inplace=True),
+                                     nn.AlphaDropout(0.5), nn.FeatureAlphaDropout(0.5)], ids=repr)
+def test_every_dropout_follows_the_mode_and_has_a_width_rule(dropout):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), dropout, nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    gm = capture(model, (x,))
+    assert torch.equal(gm(x), model(x))
+    gm.train()
+    assert not torch.allclose(gm(x), gm(x))
+    assert not any(g.frozen for g in analyze_graph(gm).groups if g.name == "0")  # dropout does not freeze the group
+
+
 @pytest.mark.parametrize(
     "model, args, match",
     [

@@ -145,6 +145,24 @@ class TiedLM(nn.Module):
         return F.linear(torch.tanh(self.fc(self.embed(ids))), self.embed.weight)
 
 
+class ChannelShuffle(nn.Module):
+    """ShuffleNetV2's unit: two branches concatenated, their channels interleaved by a
+    view–transpose–view, and split in two again. Interleaving mixes the parts: all freeze."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.c, self.d = nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        b, c, height, width = h.shape
+        h = h.view(b, 2, c // 2, height, width).transpose(1, 2).reshape(b, c, height, width)
+        left, right = h.chunk(2, dim=1)
+        return self.fc((self.c(left) + self.d(right)).mean(dim=(2, 3)))
+
+
 class Unsupported(nn.Module):
     """A cumulative sum over features: an op the analysis has no rule for."""
 
@@ -174,5 +192,6 @@ ORACLES = {
     "packed_attention": (PackedAttention, tokens),
     "tied_embeddings": (TiedLM, tokens),
     "torch_encoder": (TorchEncoder, lambda batch=3: (torch.randn(batch, 5, 8),)),
+    "channel_shuffle": (ChannelShuffle, image),
     "unsupported_op": (Unsupported, lambda batch=3: (torch.randn(batch, 8),)),
 }

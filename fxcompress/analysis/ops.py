@@ -88,7 +88,8 @@ def elementwise(effect: str) -> Rule:
 
 op_rule(*IDENTITY_LIKE, *LINEAR_UNARY)(elementwise("linear"))
 op_rule(*CHANNELWISE_UNARY)(elementwise("channelwise"))
-module_rule(nn.Dropout, nn.Identity)(elementwise("linear"))
+module_rule(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+            nn.Identity)(elementwise("linear"))  # identity in eval; a random diagonal in training
 
 
 @op_rule(*_overloads("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor"))
@@ -337,6 +338,36 @@ def pool(ctx, node: Node) -> None:
     ctx.tie(ctx.dim(x, 1), ctx.dim(node, 1))
     effect = "channelwise" if "max" in str(node.target) else "linear"
     ctx.effect(ctx.dim(node, 1), effect, node)
+
+
+@op_rule(*_overloads("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+                     "replication_pad1d", "replication_pad2d", "replication_pad3d"))
+def pad(ctx, node: Node) -> None:
+    """``pad`` lists (before, after) pairs from the last axis backwards. A constant other than
+    zero is a per-channel offset."""
+    n = ctx.ndim(node)
+    padded = {n - 1 - i // 2 for i, w in enumerate(node.args[1]) if w != 0}
+    effect = "channelwise" if arg(node, "value") else "linear"  # only constant padding has a value
+    _only_some_axes(ctx, node, padded, effect, "pads")
+
+
+@op_rule(*_overloads("roll"))
+def roll(ctx, node: Node) -> None:
+    """A cyclic shift along some axes (Swin's shifted windows); with no axes, of the flattened tensor."""
+    n = ctx.ndim(node)
+    _only_some_axes(ctx, node, {d % n for d in arg(node, "dims", [])} or set(range(n)), "linear", "rolls")
+
+
+def _only_some_axes(ctx, node: Node, changed: set[int], effect: str, verb: str) -> None:
+    """An op that rearranges some axes of its input: those freeze; the others pass with ``effect``."""
+    x = node.args[0]
+    for axis in range(ctx.ndim(node)):
+        if axis in changed:
+            ctx.freeze(ctx.dim(x, axis), f"{node.name} {verb} this axis")
+            ctx.freeze(ctx.dim(node, axis), f"{node.name} {verb} this axis")
+        else:
+            ctx.tie(ctx.dim(x, axis), ctx.dim(node, axis))
+            ctx.effect(ctx.dim(node, axis), effect, node)
 
 
 # -- ops that only read shapes or build index tensors -------------------------------------------

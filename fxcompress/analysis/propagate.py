@@ -365,9 +365,10 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
         if leaves is None:
             ctx.freeze(root, f"{node} concatenates an axis with itself")
             leaves = []
-        frozen = [r for k in members[root] for r in ctx.frozen.get(k, [])]
-        effects = [e for k in members[root] for e in ctx.effects.get(k, [])]
-        activations = [k for k in members[root] if not k[0].startswith("param:")]
+        keys = members[root] or [root]  # an axis that no op tied to another is its own only member
+        frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
+        effects = [e for k in keys for e in ctx.effects.get(k, [])]
+        activations = [k for k in keys if not k[0].startswith("param:")]
         for part, offset, length, tensor in leaves:
             # probed at the part itself: where it enters a concatenation, or leaves a split
             for use in uses_of[root]:
