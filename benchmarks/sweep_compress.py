@@ -4,8 +4,9 @@ For each model and each rule (``fixed`` ratio 0.5 and the default), prints the g
 found / compressed / frozen, parameters before → after, seconds, and whether the output
 kept its shape and stayed finite.
 
-    python benchmarks/sweep_compress.py
+    python benchmarks/sweep_compress.py                     # the eight of the acceptance sweep
     python benchmarks/sweep_compress.py --models resnet18,bert
+    python benchmarks/sweep_compress.py --models more        # nine further torchvision architectures
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ MODELS = {
     "distilbert": lambda: text("distilbert"),
     "gpt2": lambda: text("gpt2"),
 }
+#: Further torchvision architectures, each with a construct the eight above lack: squeeze-excite
+#: gates, channel shuffle, layer scale, grouped convolutions, shifted windows, inception branches.
+MORE = ("mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "convnext_tiny", "regnet_y_400mf",
+        "resnext50_32x4d", "googlenet", "squeezenet1_0", "swin_t")
+SETS = {"default": ",".join(MODELS), "more": ",".join(MORE)}
+MODELS.update({name: (lambda name=name: vision(name)) for name in MORE})
 
 
 def output(out):
@@ -81,13 +88,14 @@ def run(name: str, rule: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default="default", help="names, or 'default', 'more', 'all'")
     parser.add_argument("--rules", default="fixed,default")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print("| model | rule | groups | compressed | frozen | params before → after | seconds | output |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in args.models.split(","):
+    names = ",".join(SETS.values()) if args.models == "all" else SETS.get(args.models, args.models)
+    for name in names.split(","):
         for rule in args.rules.split(","):
             try:
                 print(run(name, rule), flush=True)
