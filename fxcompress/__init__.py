@@ -25,7 +25,7 @@ from fxcompress.distill import DistillConfig, DistillResult, accuracy, distill, 
 from fxcompress.errors import (CaptureError, ConfigError, DataError, DatasetError, ExportError, FxCompressError,
                                TrainingError)
 from fxcompress.export import ExportReport, export_onnx, validate_onnx
-from fxcompress.rewrite import Projection, RewriteError, fold_batch_norms, rewrite
+from fxcompress.rewrite import Projection, RewriteError, exact_transforms, fold_batch_norms, rewrite
 from fxcompress.rmtkd import RMTKDConfig, RMTKDResult, Round, rmtkd
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
 
@@ -36,5 +36,5 @@ __all__ = [
     "DatasetError", "DistillConfig", "DistillResult", "ExportError", "ExportReport", "FxCompressError", "Plan",
     "Projection", "RMTKDConfig", "RMTKDResult", "RankSelection", "RewriteError", "Round", "TrainingError",
     "WidthGroup", "accuracy", "analyze", "analyze_graph", "calibrate", "capture", "compress", "distill",
-    "export_onnx", "fold_batch_norms", "kd_loss", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
+    "exact_transforms", "export_onnx", "fold_batch_norms", "kd_loss", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
 ]

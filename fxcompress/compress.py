@@ -202,7 +202,7 @@ def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
             if not isinstance(k, int) or not 0 < k <= size:
                 raise ConfigError(f"step {number}: group {name!r} has width {size}; k = {k!r} must lie in [1, {size}]")
             if k % group.blocks:
-                raise ConfigError(f"step {number}: group {name!r} is {group.blocks} heads; k = {k} is not a multiple")
+                raise ConfigError(f"step {number}: group {name!r} is {group.blocks} blocks; k = {k} is not a multiple")
             mean = torch.zeros(size, dtype=torch.float64) if step.get("fold_mean", True) else None
             per_head = [h * group.block_size + i for h in range(group.blocks) for i in range(k // group.blocks)]
             projections[name] = dataclasses.replace(Projection.select(per_head, size), mean=mean)
@@ -290,8 +290,9 @@ def _decide_or_keep(gm: GraphModule, group: WidthGroup, accs: Sequence[Covarianc
 
 
 def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumulator], config: CompressConfig):
-    """Each block (attention head; the whole group otherwise) has its own covariance: its
-    eigenvalues pick k, its leading eigenvectors build that block of P. Heads share the largest k."""
+    """Each block (attention head, convolution group; the whole group otherwise) has its own
+    covariance: its eigenvalues pick k, its leading eigenvectors build that block of P. Blocks
+    share the largest k."""
     transform = _transform(group, config)
     options = config.rule_options(group.name)
     if "k" in options:  # a width for the whole group: each head gets its share
@@ -336,7 +337,7 @@ def _weight_norms(gm: GraphModule, group: WidthGroup) -> torch.Tensor:
     """Per channel, the squared L2 norm of the producer weights (consumer weights, if none)
     over all the group's parameters: the magnitude-pruning score."""
     score = torch.zeros(group.size, dtype=torch.float64)
-    for use in group.producers or group.consumers:
+    for use in group.producers or [u for u in group.consumers if u.block_axis is None]:
         weight = operator.attrgetter(use.param)(gm).detach().to(torch.float64)
         score += (torch.movedim(weight, use.axis, 0).reshape(group.size, -1) ** 2).sum(dim=1)
     return score

@@ -10,8 +10,10 @@ For a group of width ``d`` and a ``k × d`` matrix ``P`` (orthonormal rows; a se
   ``(P∘P)·v``, the diagonal of ``P·diag(v)·Pᵀ`` — exact for a selection, approximate for a
   rotation (the plan says which);
 * graph constants that name the width (reshape sizes, ``normalized_shape``) become ``k``;
-* a group split into attention heads takes a block-diagonal ``P`` (every head narrowed to
-  ``k/H``); the head-dim constants of its reshapes follow, and SDPA keeps its scale.
+* a group cut into blocks takes a block-diagonal ``P`` (every block narrowed to ``k/H``):
+  attention heads, whose head-dim constants of the reshapes follow while SDPA keeps its
+  scale, and a grouped convolution's groups, whose input axis indexes within a group (block
+  ``g`` of its outputs reads block ``g`` of the group, so it is contracted block by block).
 
 BatchNorm that follows a convolution can first be folded into it (:func:`fold_batch_norms`).
 The input module is never modified: the rewrite works on a deep copy.
@@ -78,6 +80,26 @@ def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection], 
         _apply(out, group, proj, slices)
     out.graph.lint()
     out.recompile()
+    return out
+
+
+def exact_transforms(plan: Plan, seed: int = 0) -> dict[str, Projection]:
+    """A random ``k = d`` transform on every group the plan marks exact: a block-diagonal
+    rotation where a projection is exact, a permutation within each block where only a
+    selection is. Rewritten with them, a model must compute the same function (in float64,
+    to rounding): a check of the analysis on any model.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for group in plan.compressible:
+        n = group.block_size
+        if "projection" in group.exact:
+            blocks = [torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))[0]
+                      for _ in range(group.blocks)]
+            out[group.name] = Projection(torch.block_diag(*blocks))
+        elif "selection" in group.exact:
+            order = torch.cat([b * n + torch.randperm(n, generator=generator) for b in range(group.blocks)])
+            out[group.name] = Projection.select(order, group.size)
     return out
 
 
@@ -160,8 +182,8 @@ def _check(plan: Plan, name: str, proj: Projection) -> WidthGroup:
     if not 0 < proj.k <= group.size:
         raise RewriteError(f"group {name!r}: k = {proj.k} must lie in [1, {group.size}]")
     if group.blocks > 1 and not _block_diagonal(proj.matrix, group.blocks):
-        raise RewriteError(f"group {name!r} is {group.blocks} heads of {group.block_size}: its projection must be "
-                           f"block-diagonal, k/{group.blocks} rows per head (got {tuple(proj.matrix.shape)})")
+        raise RewriteError(f"group {name!r} is {group.blocks} blocks of {group.block_size}: its projection must be "
+                           f"block-diagonal, k/{group.blocks} rows per block (got {tuple(proj.matrix.shape)})")
     return group
 
 
@@ -189,6 +211,8 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices
         start = slices.offset(use)
         if use.role == "channel":
             _narrow_channel(gm, use, p, start)
+        elif use.block_axis is not None:
+            _set(gm, use.param, _along_blocks(_get(gm, use.param), p, use.axis, use.block_axis, group.blocks))
         else:
             _set(gm, use.param, _along(_get(gm, use.param), p, use.axis, start, use.length))
         if use.length is not None:
@@ -233,6 +257,15 @@ def _along(t: torch.Tensor, p: torch.Tensor, axis: int, start: int = 0, length: 
     return torch.movedim(moved, -1, axis).to(t.dtype).contiguous()
 
 
+def _along_blocks(t: torch.Tensor, p: torch.Tensor, axis: int, block_axis: int, blocks: int) -> torch.Tensor:
+    """A grouped convolution's input axis: the ``g``-th block of ``block_axis`` (its output
+    channels) reads the group's block ``g``, so it is contracted with ``P``'s ``g``-th diagonal block."""
+    k, d = (size // blocks for size in p.shape)
+    parts = t.split(t.shape[block_axis] // blocks, dim=block_axis)
+    return torch.cat([_along(part, p[g * k:(g + 1) * k, g * d:(g + 1) * d], axis) for g, part in enumerate(parts)],
+                     dim=block_axis)
+
+
 def _selection_index(p: torch.Tensor) -> torch.Tensor | None:
     """The kept columns if every row of ``p`` is a distinct unit vector ``eᵢ``, else None."""
     ones = p == 1
@@ -264,10 +297,15 @@ def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor, s
     node = next(n for n in gm.graph.nodes if n.name == use.node)
     weight = _get(gm, use.param).detach().to(torch.float64)
     lost = mean - p.T @ (p @ mean)
-    moved = torch.movedim(weight, use.axis, -1)
-    if use.length is not None:
-        moved = moved[..., start:start + use.length]
-    shift = (moved @ lost).reshape(moved.shape[0], -1).sum(dim=1)  # sums kernel taps (interior pixels)
+    if use.block_axis is not None:  # a grouped convolution: output block g reads block g of what was lost
+        moved = torch.movedim(weight, (use.block_axis, use.axis), (0, -1))
+        lost = lost.reshape(-1, moved.shape[-1]).repeat_interleave(moved.shape[0] * moved.shape[-1] // lost.numel(), 0)
+        shift = (moved.reshape(moved.shape[0], -1, moved.shape[-1]) * lost[:, None]).sum(dim=(1, 2))
+    else:
+        moved = torch.movedim(weight, use.axis, -1)
+        if use.length is not None:
+            moved = moved[..., start:start + use.length]
+        shift = (moved @ lost).reshape(moved.shape[0], -1).sum(dim=1)  # sums kernel taps (interior pixels)
     bias = _bias_of(node)
     if isinstance(bias, Node):
         old = _get(gm, bias.target)
@@ -316,7 +354,8 @@ def _resize_constant(node: Node, axis: int, resize: Callable[[int], int | None])
         if isinstance(sizes[axis], int) and sizes[axis] > 0 and resize(sizes[axis]) is not None:
             sizes[axis] = resize(sizes[axis])
             node.args = (node.args[0], sizes, *node.args[2:])
-    elif node.target in CONVS and axis == 1 and arg(node, "groups", 1) > 1 and resize(arg(node, "groups")) is not None:
+    elif node.target in CONVS and axis == 1 and 1 < arg(node, "groups", 1) == node.meta["val"].shape[1] \
+            and resize(arg(node, "groups")) is not None:
         _set_arg(node, "groups", resize(arg(node, "groups")))  # depthwise: one group per channel
     elif node.target in NORMS and axis == node.meta["val"].ndim - 1 and resize(node.args[1][-1]) is not None:
         node.args = (node.args[0], [*node.args[1][:-1], resize(node.args[1][-1])], *node.args[2:])

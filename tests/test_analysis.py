@@ -55,6 +55,17 @@ EXPECTED = {
         "project": (16, ["project.weight[0]", "project.bias[0]"], ["fc.weight[1]"], [], ("selection", "projection")),
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
+    "grouped_conv": {  # a grouped convolution's input axis is read per block of its outputs
+        "stem.in": (3, [], ["stem.weight[1]"], [], FROZEN),
+        "stem": (8, ["stem.weight[0]", "stem.bias[0]", "expand.weight[0]", "expand.bias[0]"],
+                 ["reduce.weight[1]", "pair_a.weight[1] per block of [0]"], [], ("selection",)),
+        "reduce": (16, ["reduce.weight[0]"], ["grouped.weight[1] per block of [0]"], ["bn1[0]"], ("selection",)),
+        "grouped": (12, ["grouped.weight[0]"], ["expand.weight[1]"], ["bn2[0]"], ("selection",)),
+        "pair_a": (12, ["pair_a.weight[0]", "pair_a.bias[0]"], ["pair_b.weight[1] per block of [0]"], [],
+                   ("selection", "projection")),
+        "pair_b": (6, ["pair_b.weight[0]", "pair_b.bias[0]"], ["fc.weight[1]"], [], ("selection", "projection")),
+        "fc": (2, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
+    },
     "tied_embeddings": {
         "embed": (16, ["embed.weight[1]", "fc.weight[0]", "fc.bias[0]"], ["fc.weight[1]", "embed.weight[1]"], [], ("selection",)),
         "embed#1": (50, ["embed.weight[0]"], [], [], FROZEN),

@@ -1,5 +1,6 @@
 """Rewrite exactness and fxcompress.compress on the oracle zoo."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -10,8 +11,9 @@ from torch import nn
 import fxcompress
 from fxcompress import CompressConfig, ConfigError, DataError, FxCompressError, Projection, RewriteError
 from fxcompress.analysis import analyze_graph
+from fxcompress.analysis.ops import arg
 from fxcompress.capture import capture
-from fxcompress.rewrite import rewrite
+from fxcompress.rewrite import exact_transforms, rewrite
 from fxcompress.spectral.selection import MIN_EIGENVALUES
 from zoo import ORACLES
 
@@ -34,16 +36,8 @@ def test_exact_transforms_preserve_the_function(name):
     x = _double(inputs())
     gm = capture(model, x)
     plan = analyze_graph(gm)
-    projections = {}
-    for group in plan.compressible:  # attention heads: one block per head
-        n = group.block_size
-        if "projection" in group.exact:
-            blocks = [torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0] for _ in range(group.blocks)]
-            projections[group.name] = Projection(torch.block_diag(*blocks))
-        elif "selection" in group.exact:
-            order = torch.cat([h * n + torch.randperm(n) for h in range(group.blocks)])
-            projections[group.name] = Projection.select(order, group.size)
-    assert projections  # every oracle has a group to transform
+    projections = exact_transforms(plan, seed=1)  # blocks (heads, convolution groups) each get their own
+    assert projections and set(projections) == {g.name for g in plan.compressible if g.exact}  # every oracle has one
     out = rewrite(gm, plan, projections)
     assert _rel(out(*x), model(*x)) <= 1e-5
 
@@ -138,9 +132,37 @@ def test_narrowing_the_parts_of_a_packed_projection_resizes_the_split():
     assert _rel(out(*x), model(*x)) <= 1e-9
 
 
+def test_narrowing_a_grouped_convolution_block_by_block_is_exact_on_dead_and_constant_channels():
+    """One dead channel in each of the 4 groups of ``reduce`` (and of ``grouped``'s outputs)
+    can go, block by block; ``pair_a``'s outputs 4, 5, 10 and 11 are constant, so dropping
+    them with their mean folded into ``pair_b``'s bias (group by group) loses nothing."""
+    cls, inputs = ORACLES["grouped_conv"]
+    torch.manual_seed(7)
+    model = cls().double().eval()
+    with torch.no_grad():
+        model.reduce.weight[[1, 6, 9, 14]] = 0  # BatchNorm at its defaults and ReLU keep zero at zero
+        model.grouped.weight[[0, 5, 7, 11]] = 0
+        model.pair_a.weight[[4, 5, 10, 11]] = 0
+    x = _double(inputs())
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    dead = {"reduce": [1, 6, 9, 14], "grouped": [0, 5, 7, 11], "pair_a": [4, 5, 10, 11]}
+    projections = {name: Projection.select([i for i in range(plan[name].size) if i not in off], plan[name].size)
+                   for name, off in dead.items()}
+    projections["pair_a"] = dataclasses.replace(projections["pair_a"], mean=model.pair_a.bias.detach().clone())
+    out = rewrite(gm, plan, projections)
+    assert out.get_parameter("grouped.weight").shape == (8, 3, 3, 3)  # 4 groups of 2 outputs reading 3 inputs each
+    assert out.get_parameter("pair_b.weight").shape == (6, 4, 1, 1)
+    groups = [arg(n, "groups") for n in out.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    assert groups == [1, 1, 4, 1, 2, 2]  # the convolutions keep their group counts
+    assert _rel(out(*x), model(*x)) <= 1e-9
+    with pytest.raises(RewriteError, match="4 blocks of 4: its projection must be block-diagonal"):
+        rewrite(gm, plan, {"reduce": Projection.select(range(12), 16)})  # groups 0-2 whole, group 3 gone
+
+
 def test_a_head_group_takes_only_block_diagonal_projections():
     _, _, gm, plan = _attention_model()
-    with pytest.raises(RewriteError, match="4 heads of 8: its projection must be block-diagonal"):
+    with pytest.raises(RewriteError, match="4 blocks of 8: its projection must be block-diagonal"):
         rewrite(gm, plan, {"layers.0.v": Projection.select(range(16), 32)})  # heads 0-1 kept whole, 2-3 dropped
 
 
@@ -192,9 +214,10 @@ def test_compress_runs_on_the_zoo(name, config):
     out, ref = result.module(*data[0]), model(*data[0])
     assert out.shape == ref.shape and torch.isfinite(out).all()
     spectral = [r for r in result.report if r.rule is not None]
+    few = {r.name for r in spectral if result.plan[r.name].block_size < MIN_EIGENVALUES}  # eigenvalues per block
     if config.rule != "fixed":  # with fewer than MIN_EIGENVALUES eigenvalues there is no noise bulk to fit
-        assert all(r.k == r.d and "too few" in r.warnings[0] for r in spectral if r.d < MIN_EIGENVALUES)
-    if config.rule == "fixed" or any(r.d >= MIN_EIGENVALUES for r in spectral):
+        assert all(r.k == r.d and "too few" in r.warnings[0] for r in spectral if r.name in few)
+    if config.rule == "fixed" or any(r.name not in few for r in spectral):
         assert result.params_after < result.params_before
         assert result.compressed
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
@@ -296,7 +319,7 @@ def test_fixed_ratio_is_honoured_with_fewer_samples_than_features():
     assert result.module(x).shape == (5, 4)
 
 
-@pytest.mark.parametrize("name", ["conv_bn_residual", "post_ln_transformer"])
+@pytest.mark.parametrize("name", ["conv_bn_residual", "post_ln_transformer", "grouped_conv"])
 def test_rebuild_from_steps_and_state_dict(name):
     """Two compress calls in a row; the original model, the two steps and the final state
     dict give back the same function, and the steps survive a JSON round trip."""

@@ -81,6 +81,27 @@ class Depthwise(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.project(h), 1).flatten(1))
 
 
+class GroupedConv(nn.Module):
+    """ResNeXt's bottleneck (a 1×1 reduction, a 3×3 convolution in 4 groups, a 1×1 expansion,
+    BatchNorm and ReLU between) on a stream that two convolutions in 2 groups then read, with
+    nothing between them: each output group reads its input group only, so every width on
+    the way is cut into blocks that narrow alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.reduce, self.bn1 = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.grouped, self.bn2 = nn.Conv2d(16, 12, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(12)
+        self.expand = nn.Conv2d(12, 8, 1)
+        self.pair_a, self.pair_b = nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.Conv2d(12, 6, 1, groups=2)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = h + self.expand(F.relu(self.bn2(self.grouped(F.relu(self.bn1(self.reduce(h)))))))
+        return self.fc(self.pair_b(self.pair_a(h)).mean(dim=(2, 3)))
+
+
 class PostLNTransformer(nn.Module):
     """Two post-LN encoder layers (BERT's layout) over token ids, mean-pooled to 2 classes."""
 
@@ -188,6 +209,7 @@ ORACLES = {
     "concat": (Concat, image),
     "dense_block": (DenseBlock, image),
     "depthwise": (Depthwise, image),
+    "grouped_conv": (GroupedConv, image),
     "post_ln_transformer": (PostLNTransformer, tokens),
     "packed_attention": (PackedAttention, tokens),
     "tied_embeddings": (TiedLM, tokens),

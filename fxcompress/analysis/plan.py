@@ -25,10 +25,14 @@ class Use:
     node: str  # the graph node that uses it
     offset: int = 0  # a concatenation's consumers read the group in a slice of their axis
     length: int | None = None  # None: the whole axis
+    # a grouped convolution's input axis holds one block's channels; the block is picked by
+    # the cut of this other axis (its outputs) into the group's blocks: block g reads block g
+    block_axis: int | None = None
 
     def __str__(self) -> str:
         where = "" if self.length is None else f"[{self.offset}:{self.offset + self.length}]"
-        return f"{self.param}[{self.axis}]{where}"
+        blocked = "" if self.block_axis is None else f" per block of [{self.block_axis}]"
+        return f"{self.param}[{self.axis}]{where}{blocked}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +49,15 @@ class WidthGroup:
     probe: str | None
     frozen_by: tuple[str, ...]
     activations: tuple[tuple[str, int], ...] = ()  # (node, axis) of every activation in the group
-    blocks: int = 1  # attention heads: the width is ``blocks`` equal blocks, each narrowed alike
+    # attention heads, a grouped convolution's groups: ``blocks`` equal blocks, each narrowed alike
+    blocks: int = 1
     # (node, axis) of the concatenated activations the group lies in, once per time it lies there
     containers: tuple[tuple[str, int], ...] = ()
     splits: tuple[tuple[str, int], ...] = ()  # (split node, output index) of the split outputs in the group
 
     @property
     def block_size(self) -> int:
-        """The width of one block (a head's dim), ``size`` when there are no blocks."""
+        """The width of one block (a head's dim, a convolution group's channels), ``size`` without blocks."""
         return self.size // self.blocks
 
     @property

@@ -36,7 +36,7 @@ class Context:
         self.frozen: dict[DimKey, list[str]] = defaultdict(list)
         self.uses: list[tuple[DimKey, Use, str | None]] = []
         self.splits: dict[str, tuple[Node, int]] = {}
-        self.blocks: list[tuple[DimKey, int]] = []  # a feature axis split into (blocks, size / blocks)
+        self.blocks: list[tuple[DimKey, int, str]] = []  # an axis cut into equal blocks: count, by what
         self.segments: list[tuple[DimKey, list[tuple[DimKey, int, str]], str]] = []  # whole, parts, cat node
         self.split_index: dict[DimKey, tuple[str, int]] = {}  # a split output's axis → (split node, index)
 
@@ -139,13 +139,14 @@ class Context:
         for key in self.dims(node):
             self.freeze(key, reason)
 
-    def record(self, key: DimKey, param: Node, axis: int, role: str, node: Node, activation: Node | None) -> None:
+    def record(self, key: DimKey, param: Node, axis: int, role: str, node: Node, activation: Node | None,
+               block_axis: int | None = None) -> None:
         self.tie(key, self.dim(param, axis))
-        use = Use(param=str(param.target), axis=axis, role=role, node=node.name)
+        use = Use(param=str(param.target), axis=axis, role=role, node=node.name, block_axis=block_axis)
         self.uses.append((key, use, None if activation is None else activation.name))
 
-    def consume(self, x: Node, x_axis: int, weight: Node, w_axis: int, node: Node) -> None:
-        self.record(self.dim(x, x_axis), weight, w_axis, "consumer", node, x)
+    def consume(self, x: Node, x_axis: int, weight: Node, w_axis: int, node: Node, block_axis: int | None = None) -> None:
+        self.record(self.dim(x, x_axis), weight, w_axis, "consumer", node, x, block_axis)
 
     def produce(self, node: Node, axis: int, weight: Node, w_axis: int, bias: Any) -> None:
         self.record(self.dim(node, axis), weight, w_axis, "producer", node, node)
@@ -159,6 +160,11 @@ class Context:
         """A submodule's per-channel state (BatchNorm: weight, bias, running statistics)."""
         key = self.dim(node, axis)
         self.uses.append((key, Use(param=str(node.target), axis=0, role="channel", node=node.name), None))
+
+    def cut_into_blocks(self, key: DimKey | None, count: int, why: str) -> None:
+        """The axis ``key`` is ``count`` equal blocks that must narrow alike (heads, convolution groups)."""
+        if key is not None:
+            self.blocks.append((key, count, why))
 
     # -- reshapes and splits ---------------------------------------------------------------
     def match_reshape(self, x: Node, node: Node) -> None:
@@ -193,7 +199,7 @@ class Context:
         for axis in range(len(a) - 1):
             self.tie(self.dim(whole, axis), self.dim(split, axis))
         self.tie(self.dim(whole, -1), self.dim(split, -1))
-        self.blocks.append((self.dim(whole, -1), b[-2]))
+        self.cut_into_blocks(self.dim(whole, -1), b[-2], f"{at.name} splits it into {b[-2]} heads")
         self.freeze(self.dim(split, -2), f"{at.name} splits heads: the number of heads stays")
         return True
 
@@ -328,12 +334,12 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     by_root: dict[DimKey, list[tuple[Use, str | None]]] = defaultdict(list)
     for key, use, activation in ctx.uses:
         by_root[ctx.find(key)].append((use, activation))
-    blocks: dict[DimKey, set[int]] = defaultdict(set)
-    for key, count in ctx.blocks:
-        blocks[ctx.find(key)].add(count)
+    blocks: dict[DimKey, dict[int, str]] = defaultdict(dict)
+    for key, count, why in ctx.blocks:
+        blocks[ctx.find(key)].setdefault(count, why)
     wholes = {ctx.find(whole) for whole, _, _ in ctx.segments}
     # a concatenated part that no op tied to another axis is its own only member
-    groups = [_group(ctx, root, uses, members[root] or [root], order, blocks.get(root, set()), containers.get(root, []))
+    groups = [_group(ctx, root, uses, members[root] or [root], order, blocks.get(root, {}), containers.get(root, []))
               for root, uses in by_root.items() if root not in wholes and any(u.role != "channel" for u, _ in uses)]
     groups.sort(key=lambda g: g[0])
     return Plan(tuple(_unique_names([g for _, g in groups])))
@@ -348,11 +354,11 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
     concatenations are flattened. Returns, per part, the activations of the wholes it lies in.
     """
     cuts: dict[DimKey, tuple[list[tuple[DimKey, int, str]], str]] = {}
-    split_into_heads = {ctx.find(key) for key, _ in ctx.blocks}
+    cut = {ctx.find(key): why for key, _, why in ctx.blocks}
     for whole, parts, node in ctx.segments:
         root = ctx.find(whole)
-        if root in split_into_heads:
-            ctx.freeze(root, f"{node}'s output is split into heads")
+        if root in cut:
+            ctx.freeze(root, f"{node}'s output is cut into blocks ({cut[root]})")
         if root in cuts and [size for _, size, _ in cuts[root][0]] != [size for _, size, _ in parts]:
             ctx.freeze(root, f"{node} and {cuts[root][1]} concatenate one axis in different ways")
         cuts.setdefault(root, (parts, node))
@@ -396,7 +402,7 @@ def _leaves(ctx: Context, root: DimKey, cuts: dict, seen: tuple) -> list[tuple[D
 
 
 def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: dict[str, int],
-           blocks: set[int], containers: list[DimKey]) -> tuple[int, WidthGroup]:
+           blocks: dict[int, str], containers: list[DimKey]) -> tuple[int, WidthGroup]:
     by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
     effects = sorted({e for k in keys for e, _ in ctx.effects.get(k, [])})
     passthrough = tuple(sorted({n for k in keys for _, n in ctx.effects.get(k, [])}, key=lambda n: order.get(n, 0)))
@@ -417,15 +423,16 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
                              tuple(containers), tuple(ctx.split_index[k] for k in keys if k in ctx.split_index))
 
 
-def _sizes(ctx: Context, keys: list[DimKey], blocks: set[int]) -> tuple[int, int, str | None]:
+def _sizes(ctx: Context, keys: list[DimKey], blocks: dict[int, str]) -> tuple[int, int, str | None]:
     """The group's width, its number of blocks, and why it is frozen if its sizes disagree."""
     sizes = {s for s in (_key_size(ctx, k) for k in keys) if s > 0}
     size = max(sizes, default=-1)
-    if len(sizes) <= 1:
-        return size, 1, None
-    if len(blocks) == 1 and sizes == {size, size // next(iter(blocks))}:
-        return size, next(iter(blocks)), None
-    return size, 1, f"its axes have sizes {sorted(sizes)} that no head split explains"
+    if len(blocks) > 1:
+        return size, 1, f"it is cut into blocks in different ways: {'; '.join(blocks.values())}"
+    count = next(iter(blocks), 1)
+    if size % count == 0 and sizes <= {size, size // count}:
+        return size, count, None
+    return size, 1, f"its axes have sizes {sorted(sizes)} that no cut into equal blocks explains"
 
 
 def _key_size(ctx: Context, key: DimKey) -> int:
