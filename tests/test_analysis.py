@@ -86,6 +86,14 @@ EXPECTED = {
                           ("selection",)),
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
+    "window_attention": {  # query, key and value in one group: indexed apart from one (3, heads, head dim) view
+        "embed.in": (8, [], ["embed.weight[1]"], [], FROZEN),
+        "embed": (16, ["embed.weight[0]", "embed.bias[0]", "proj.weight[0]", "proj.bias[0]"],
+                  ["qkv.weight[1]", "fc.weight[1]"], [], ("selection", "projection")),
+        "qkv": (16, ["qkv.weight[0][0:16]", "qkv.bias[0][0:16]", "qkv.weight[0][16:32]", "qkv.bias[0][16:32]",
+                     "qkv.weight[0][32:48]", "qkv.bias[0][32:48]"], ["proj.weight[1]"], [], ("selection",)),
+        "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
+    },
     "channel_shuffle": {  # the view that interleaves the concatenated parts freezes them, and the halves split off
         "a.in": (3, [], ["a.weight[1]", "b.weight[1]"], [], FROZEN),
         "a": (4, ["a.weight[0]", "a.bias[0]"], [], [], FROZEN),

@@ -132,6 +132,29 @@ def test_narrowing_the_parts_of_a_packed_projection_resizes_the_split():
     assert _rel(out(*x), model(*x)) <= 1e-9
 
 
+def test_narrowing_packed_window_attention_resizes_the_head_dim():
+    """Query, key and value all zero on the last dim of each head: dropping it keeps the
+    function; the packed projection loses a row per head in each of its three slices, and
+    the (3, heads, head dim) view follows."""
+    cls, inputs = ORACLES["window_attention"]
+    torch.manual_seed(8)
+    model = cls().double().eval()
+    dead = [part * 16 + head * 8 + 7 for part in range(3) for head in range(2)]
+    with torch.no_grad():
+        model.qkv.weight[dead] = 0
+        model.qkv.bias[dead] = 0
+    x = _double(inputs())
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    assert (plan["qkv"].blocks, plan["qkv"].block_size) == (2, 8)
+    out = rewrite(gm, plan, {"qkv": Projection.select([h * 8 + i for h in range(2) for i in range(7)], 16)})
+    assert out.get_parameter("qkv.weight").shape == (42, 16) and out.get_parameter("proj.weight").shape == (16, 14)
+    views = [list(n.args[1])[2:] for n in out.graph.nodes if n.target == torch.ops.aten.reshape.default
+             and len(n.args[1]) == 5]
+    assert views == [[3, 2, 7]]
+    assert _rel(out(*x), model(*x)) <= 1e-9
+
+
 def test_narrowing_a_grouped_convolution_block_by_block_is_exact_on_dead_and_constant_channels():
     """One dead channel in each of the 4 groups of ``reduce`` (and of ``grouped``'s outputs)
     can go, block by block; ``pair_a``'s outputs 4, 5, 10 and 11 are constant, so dropping

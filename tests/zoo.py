@@ -143,6 +143,26 @@ class PackedAttention(nn.Module):
         return self.classifier(h.mean(dim=1))
 
 
+class WindowAttention(nn.Module):
+    """Swin's window attention: one projection packs query, key and value, reshaped at once
+    into (parts, heads, head dim) and indexed apart; attention by explicit matrix products."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.qkv, self.proj = nn.Linear(8, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, d = h.shape
+        qkv = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * (d // self.heads) ** -0.5).matmul(k.transpose(-2, -1)).softmax(dim=-1)
+        h = h + self.proj(attn.matmul(v).transpose(1, 2).reshape(b, n, d))
+        return self.fc(h.mean(dim=1))
+
+
 class TorchEncoder(nn.Module):
     """``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` inside), sequence-first, as
     torch's own transformer layers and torchvision's ViT use it."""
@@ -214,6 +234,7 @@ ORACLES = {
     "packed_attention": (PackedAttention, tokens),
     "tied_embeddings": (TiedLM, tokens),
     "torch_encoder": (TorchEncoder, lambda batch=3: (torch.randn(batch, 5, 8),)),
+    "window_attention": (WindowAttention, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "channel_shuffle": (ChannelShuffle, image),
     "unsupported_op": (Unsupported, lambda batch=3: (torch.randn(batch, 8),)),
 }

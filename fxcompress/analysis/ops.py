@@ -86,8 +86,8 @@ def elementwise(effect: str) -> Rule:
     return rule
 
 
-op_rule(*IDENTITY_LIKE, *LINEAR_UNARY)(elementwise("linear"))
-op_rule(*CHANNELWISE_UNARY)(elementwise("channelwise"))
+op_rule(*IDENTITY_LIKE, *LINEAR_UNARY, *_overloads("zeros_like"))(elementwise("linear"))
+op_rule(*CHANNELWISE_UNARY, *_overloads("ones_like", "full_like"))(elementwise("channelwise"))  # a constant per channel
 module_rule(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
             nn.Identity)(elementwise("linear"))  # identity in eval; a random diagonal in training
 
@@ -379,6 +379,7 @@ def _only_some_axes(ctx, node: Node, changed: set[int], effect: str, verb: str) 
 # -- ops that only read shapes or build index tensors -------------------------------------------
 @op_rule(*_overloads("sym_size.int", "sym_numel", "sym_stride.int", "size.int", "dim", "arange", "arange.start",
                      "arange.start_step", "zeros", "ones", "full", "empty.memory_format", "scalar_tensor",
+                     "new_zeros", "new_ones", "new_full", "new_empty",  # a fresh tensor of given sizes
                      "_assert_scalar", "_assert_tensor_metadata"))
 def shape_query(ctx, node: Node) -> None:
     """Reads sizes or builds fresh tensors: couples nothing."""

@@ -171,7 +171,8 @@ class Context:
         """Tie input and output axes that a view maps one to one; freeze those it merges or splits,
         except a last axis split into heads (or merged from them), as attention does."""
         a_shape, b_shape = self.shape(x), self.shape(node)
-        if self._split_heads(x, node, a_shape, b_shape, node) or self._split_heads(node, x, b_shape, a_shape, node):
+        if self._split_heads(x, node, a_shape, b_shape, node) or self._split_heads(node, x, b_shape, a_shape, node) \
+                or self._split_packed_heads(x, node, a_shape, b_shape):
             return
         tail = 0  # axes equal from the right map one to one (the feature axis of a (B·S, d) view)
         while tail < min(len(a_shape), len(b_shape)) and a_shape[-1 - tail] == b_shape[-1 - tail] != 1:
@@ -201,6 +202,23 @@ class Context:
         self.tie(self.dim(whole, -1), self.dim(split, -1))
         self.cut_into_blocks(self.dim(whole, -1), b[-2], f"{at.name} splits it into {b[-2]} heads")
         self.freeze(self.dim(split, -2), f"{at.name} splits heads: the number of heads stays")
+        return True
+
+    def _split_packed_heads(self, x: Node, node: Node, a: tuple, b: tuple) -> bool:
+        """``(…, P·H·h) → (…, P, H, h)``: one projection packs ``P`` parts (query, key and value),
+        each split into heads, as Swin's window attention does. The parts come apart by indexing
+        the ``P`` axis, so they share the head axis: one group of ``H`` blocks, which the packed
+        producer writes in ``P`` slices."""
+        if not (len(b) == len(a) + 2 >= 4 and a[:-1] == b[:-3] and all(isinstance(v, int) for v in (a[-1], *b[-3:]))
+                and min(b[-3:]) > 1 and a[-1] == b[-3] * b[-2] * b[-1]):
+            return False
+        for axis in range(len(a) - 1):
+            self.tie(self.dim(x, axis), self.dim(node, axis))
+        part = self.dim(node, -1)
+        self.segments.append((self.dim(x, -1), [(part, b[-2] * b[-1], node.name)] * b[-3], node.name))
+        self.cut_into_blocks(part, b[-2], f"{node.name} splits it into {b[-2]} heads")
+        self.freeze(self.dim(node, -3), f"{node.name} splits {b[-3]} packed parts: their number stays")
+        self.freeze(self.dim(node, -2), f"{node.name} splits heads: the number of heads stays")
         return True
 
     def _freeze_block(self, x: Node, node: Node, a: tuple, b: tuple, i: int, j: int) -> tuple[int, int]:
@@ -414,6 +432,9 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     probe = min(probes, key=lambda n: order[n]) if probes else None
     first = min(order.get(u.node, 0) for u, _ in uses)
     size, count, mixed = _sizes(ctx, keys, blocks)
+    lengths = sorted({u.length for u, _ in uses if u.length is not None} - {size})
+    if lengths:  # a slice of a concatenation (or of a packed projection) is as wide as the group, or the group is unknown
+        mixed = mixed or f"it lies in slices of width {lengths} but its axes say {size}"
     if mixed:
         frozen += (mixed,)
     name = _name(by_role)
