@@ -4,7 +4,7 @@ For each model and each rule (``fixed`` ratio 0.5 and the default), prints the g
 found / compressed / frozen, parameters before → after, seconds, and whether the output
 kept its shape and stayed finite.
 
-    python benchmarks/sweep_compress.py                     # the eight of the acceptance sweep
+    python benchmarks/sweep_compress.py                     # the eight of the acceptance sweep, and Llama
     python benchmarks/sweep_compress.py --models resnet18,bert
     python benchmarks/sweep_compress.py --models more        # nine further torchvision architectures
     python benchmarks/sweep_compress.py --rules exact         # random exact transforms keep the function?
@@ -40,8 +40,11 @@ def text(name: str):
     elif name == "distilbert":
         model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(dim=128, n_layers=2, n_heads=4, hidden_dim=256,
                                                                            **small))
-    else:
+    elif name == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=500, n_positions=64))
+    else:  # grouped-query attention (4 query heads, 2 key/value heads), RMSNorm, rotary embeddings, SwiGLU
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, **small))
     batches = [{"input_ids": torch.randint(0, 500, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
                for _ in range(2)]
     return model, batches
@@ -56,6 +59,7 @@ MODELS = {
     "bert": lambda: text("bert"),
     "distilbert": lambda: text("distilbert"),
     "gpt2": lambda: text("gpt2"),
+    "llama": lambda: text("llama"),
 }
 #: Further torchvision architectures, each with a construct the eight above lack: squeeze-excite
 #: gates, channel shuffle, layer scale, grouped convolutions, shifted windows, inception branches.

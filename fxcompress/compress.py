@@ -338,8 +338,11 @@ def _weight_norms(gm: GraphModule, group: WidthGroup) -> torch.Tensor:
     over all the group's parameters: the magnitude-pruning score."""
     score = torch.zeros(group.size, dtype=torch.float64)
     for use in group.producers or [u for u in group.consumers if u.block_axis is None]:
-        weight = operator.attrgetter(use.param)(gm).detach().to(torch.float64)
-        score += (torch.movedim(weight, use.axis, 0).reshape(group.size, -1) ** 2).sum(dim=1)
+        rows = torch.movedim(operator.attrgetter(use.param)(gm).detach().to(torch.float64), use.axis, 0)
+        if use.length is not None:  # a packed projection's slice
+            rows = rows[use.offset:use.offset + use.length]
+        # an axis that repeats each block (grouped-query attention's query side) scores it as often
+        score += (rows.reshape(group.blocks, use.repeat, group.block_size, -1) ** 2).sum(dim=(1, 3)).reshape(-1)
     return score
 
 

@@ -198,26 +198,37 @@ def _block_diagonal(matrix: torch.Tensor, blocks: int) -> bool:
 
 def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices) -> None:
     p = proj.matrix.to(torch.float64)
+    mean = None if proj.mean is None else proj.mean.to(torch.float64)
     producers = {(u.param, u.axis, u.offset) for u in group.producers}
-    if proj.mean is not None:
+    if mean is not None:
         for use in group.consumers:
             if (use.param, use.axis, use.offset) not in producers:
-                _fold_mean(gm, use, p, proj.mean.to(torch.float64), slices.offset(use))
+                _fold_mean(gm, use, *_repeated(p, mean, group.blocks, use.repeat), slices.offset(use))
     done: set[tuple[str, int, int]] = set()
     for use in (*group.producers, *_added_biases(gm, group), *group.consumers, *group.channels):
         if (use.param, use.axis, use.offset) in done:
             continue
         done.add((use.param, use.axis, use.offset))
-        start = slices.offset(use)
+        start, (q, _) = slices.offset(use), _repeated(p, None, group.blocks, use.repeat)
         if use.role == "channel":
-            _narrow_channel(gm, use, p, start)
+            _narrow_channel(gm, use, q, start)
         elif use.block_axis is not None:
-            _set(gm, use.param, _along_blocks(_get(gm, use.param), p, use.axis, use.block_axis, group.blocks))
+            _set(gm, use.param, _along_blocks(_get(gm, use.param), q, use.axis, use.block_axis, group.blocks))
         else:
-            _set(gm, use.param, _along(_get(gm, use.param), p, use.axis, start, use.length))
+            _set(gm, use.param, _along(_get(gm, use.param), q, use.axis, start, use.length))
         if use.length is not None:
-            slices.narrowed(use, proj.k)
+            slices.narrowed(use, q.shape[0])
     _rewrite_constants(gm, group, proj.k)
+
+
+def _repeated(p: torch.Tensor, mean: torch.Tensor | None, blocks: int, repeat: int):
+    """``P`` and the mean as an axis that holds each block ``repeat`` times in turn sees them
+    (grouped-query attention's query side): ``P``'s diagonal blocks repeated, the mean's blocks too."""
+    if repeat == 1:
+        return p, mean
+    k, d = (size // blocks for size in p.shape)
+    tiles = [p[g * k:(g + 1) * k, g * d:(g + 1) * d] for g in range(blocks) for _ in range(repeat)]
+    return torch.block_diag(*tiles), None if mean is None else mean.reshape(blocks, d).repeat_interleave(repeat, 0).reshape(-1)
 
 
 def _bias_of(node: Node) -> object:
@@ -227,15 +238,15 @@ def _bias_of(node: Node) -> object:
 
 def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
     """Biases a mean fold gave to this group's producers after the plan was made."""
-    known = {u.param for u in group.producers}
+    known = {(u.param, u.offset) for u in group.producers}
     nodes = {n.name: n for n in gm.graph.nodes}
     extra = []
-    for use in group.producers:
+    for use in group.producers:  # the bias lies as the weight's rows do: in the same slice, as often repeated
         node = nodes.get(use.node)
         bias = _bias_of(node) if node is not None and node.op == "call_function" else None
-        if isinstance(bias, Node) and bias.op == "get_attr" and bias.target not in known:
-            extra.append(Use(bias.target, 0, "producer", node.name))
-            known.add(bias.target)
+        if isinstance(bias, Node) and bias.op == "get_attr" and (bias.target, use.offset) not in known:
+            extra.append(dataclasses.replace(use, param=bias.target, axis=0))
+            known.add((bias.target, use.offset))
     return extra
 
 
@@ -330,9 +341,9 @@ def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor
 
 def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
-    new_size = {group.size: k, group.block_size: k // group.blocks}
-    for name, axis in group.activations:
-        _resize_constant(nodes[name], axis, new_size.get)
+    block, new_block = group.block_size, k // group.blocks
+    for name, axis in group.activations:  # the whole, one block (a head), or repeated blocks: so many blocks
+        _resize_constant(nodes[name], axis, lambda size: size // block * new_block if size % block == 0 else None)
     for name, axis in group.containers:  # concatenations the group lies in are narrower by as much
         _resize_constant(nodes[name], axis, lambda size: size - group.size + k)
     _resize_splits(nodes, group, k)

@@ -86,12 +86,22 @@ EXPECTED = {
                           ("selection",)),
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
+    "grouped_query_attention": {  # 4 query heads read 2 key/value heads: the groups are the 2, the query side repeats them
+        "embed": (32, ["embed.weight[1]", "layers.0.o.weight[0]", "layers.1.o.weight[0]"],
+                  [f"layers.{i}.{n}.weight[1]" for i in range(2) for n in "qkv"] + ["classifier.weight[1]"],
+                  ["layers.0.norm.weight[0]", "layers.1.norm.weight[0]", "norm.weight[0]"], ()),  # RMSNorm: approximate
+        **{f"layers.{i}.q": (16, [f"layers.{i}.q.weight[0] (each block ×2)", f"layers.{i}.k.weight[0]"], [], [], ())
+           for i in range(2)},
+        **{f"layers.{i}.v": (16, [f"layers.{i}.v.weight[0]"], [f"layers.{i}.o.weight[1] (each block ×2)"], [],
+                             ("selection", "projection")) for i in range(2)},
+        "classifier": (2, ["classifier.weight[0]", "classifier.bias[0]"], [], [], FROZEN),
+    },
     "window_attention": {  # query, key and value in one group: indexed apart from one (3, heads, head dim) view
         "embed.in": (8, [], ["embed.weight[1]"], [], FROZEN),
         "embed": (16, ["embed.weight[0]", "embed.bias[0]", "proj.weight[0]", "proj.bias[0]"],
                   ["qkv.weight[1]", "fc.weight[1]"], [], ("selection", "projection")),
-        "qkv": (16, ["qkv.weight[0][0:16]", "qkv.bias[0][0:16]", "qkv.weight[0][16:32]", "qkv.bias[0][16:32]",
-                     "qkv.weight[0][32:48]", "qkv.bias[0][32:48]"], ["proj.weight[1]"], [], ("selection",)),
+        "qkv": (16, ["qkv.weight[0][0:16]", "qkv.weight[0][16:32]", "qkv.weight[0][32:48]"], ["proj.weight[1]"], [],
+                ("selection",)),
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
     "channel_shuffle": {  # the view that interleaves the concatenated parts freezes them, and the halves split off

@@ -132,6 +132,44 @@ def test_narrowing_the_parts_of_a_packed_projection_resizes_the_split():
     assert _rel(out(*x), model(*x)) <= 1e-9
 
 
+@pytest.mark.parametrize("layer", [0, 1], ids=["repeat_kv", "enable_gqa"])
+def test_narrowing_grouped_query_heads_narrows_every_query_head_of_a_key_value_head_alike(layer):
+    """Key and value are zero on the last dim of each of their 2 heads: dropping it from them,
+    and from the 4 query heads and the output projection's 4 head slices that repeat them,
+    keeps the function (with SDPA's 1/√8 scale kept)."""
+    cls, inputs = ORACLES["grouped_query_attention"]
+    torch.manual_seed(9)
+    model = cls().double().eval()
+    with torch.no_grad():
+        for name in "kv":
+            model.layers[layer][name].weight[[7, 15]] = 0
+    x = inputs()
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    keep = Projection.select([h * 8 + i for h in range(2) for i in range(7)], 16)
+    out = rewrite(gm, plan, {f"layers.{layer}.q": keep, f"layers.{layer}.v": keep})
+    assert out.get_parameter(f"layers.{layer}.q.weight").shape == (28, 32)
+    assert out.get_parameter(f"layers.{layer}.k.weight").shape == (14, 32)
+    assert out.get_parameter(f"layers.{layer}.o.weight").shape == (32, 28)
+    assert _rel(out(*x), model(*x)) <= 1e-9
+
+
+def test_magnitude_scores_each_slice_and_repeat_of_a_channel():
+    """A channel's magnitude score sums its rows wherever the group's producers hold it: in
+    each slice of a packed projection, and in every query head that repeats a key/value head."""
+    weight_norms = sys.modules["fxcompress.compress"]._weight_norms
+    for name, group, rows in (("window_attention", "qkv", lambda c: [("qkv", c), ("qkv", 16 + c), ("qkv", 32 + c)]),
+                              ("grouped_query_attention", "layers.0.q",
+                               lambda c: [("k", c), ("q", c // 8 * 16 + c % 8), ("q", c // 8 * 16 + 8 + c % 8)])):
+        cls, inputs = ORACLES[name]
+        model = cls().double().eval()
+        gm = capture(model, inputs())
+        plan = analyze_graph(gm)
+        params = {"qkv": model.qkv} if name == "window_attention" else {n: model.layers[0][n] for n in "qk"}
+        expected = torch.stack([sum(params[p].weight[r].pow(2).sum() for p, r in rows(c)) for c in range(16)])
+        torch.testing.assert_close(weight_norms(gm, plan[group]), expected.detach())
+
+
 def test_narrowing_packed_window_attention_resizes_the_head_dim():
     """Query, key and value all zero on the last dim of each head: dropping it keeps the
     function; the packed projection loses a row per head in each of its three slices, and
@@ -142,7 +180,6 @@ def test_narrowing_packed_window_attention_resizes_the_head_dim():
     dead = [part * 16 + head * 8 + 7 for part in range(3) for head in range(2)]
     with torch.no_grad():
         model.qkv.weight[dead] = 0
-        model.qkv.bias[dead] = 0
     x = _double(inputs())
     gm = capture(model, x)
     plan = analyze_graph(gm)
@@ -310,7 +347,7 @@ def test_rewrite_refuses_frozen_groups_and_bad_widths():
         rewrite(gm, plan, {"nope": Projection(torch.eye(4))})
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_transformers_models_compress(family):
     import transformers as tf
 
@@ -319,8 +356,12 @@ def test_transformers_models_compress(family):
         model = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
                                                                num_attention_heads=4, intermediate_size=128,
                                                                max_position_embeddings=32))
-    else:  # Conv1D layers (addmm), a tied LM head, a KV cache capture must switch off
+    elif family == "gpt2":  # Conv1D layers (addmm), a tied LM head, a KV cache capture must switch off
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=32))
+    else:  # grouped-query attention, written-out RMSNorm, rotary embeddings, SwiGLU
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   max_position_embeddings=32))
     model.eval()
     batches = [{"input_ids": torch.randint(0, 200, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
                for _ in range(2)]
@@ -329,6 +370,10 @@ def test_transformers_models_compress(family):
     assert out.shape == model(**batches[0]).logits.shape and torch.isfinite(out).all()
     assert result.params_after < 0.7 * result.params_before
     assert model.config.use_cache is True  # capture switched caching off on its own copy only
+    if family == "llama":  # values and output projections narrow exactly, per key/value head; rotary query/key stay
+        values = [r for r in result.report if r.name.endswith("v_proj")]
+        assert len(values) == 2 and all(r.k < r.d and r.exact for r in values)
+        assert all(r.frozen_by for r in result.report if r.name.endswith("q_proj"))
 
 
 def test_fixed_ratio_is_honoured_with_fewer_samples_than_features():

@@ -126,6 +126,51 @@ class PostLNTransformer(nn.Module):
         return self.classifier(h.mean(dim=1))
 
 
+class WrittenRMSNorm(nn.Module):
+    """RMSNorm as transformers writes it out: a mean over the features, not one op."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Llama's attention without rotary embeddings: 4 query heads share 2 key/value heads,
+    repeated by expand and reshape (``repeat_kv``) in the first layer and by SDPA's
+    ``enable_gqa`` in the second; pre-norm with a written-out RMSNorm."""
+
+    def __init__(self, vocab=50, d=32, heads=4, kv_heads=2, layers=2):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        kv = d // heads * kv_heads
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "norm": WrittenRMSNorm(d), "q": nn.Linear(d, d, bias=False), "k": nn.Linear(d, kv, bias=False),
+            "v": nn.Linear(d, kv, bias=False), "o": nn.Linear(d, d, bias=False),
+        }) for _ in range(layers))
+        self.norm, self.classifier = WrittenRMSNorm(d), nn.Linear(d, 2)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        b, s, d = h.shape
+        size, repeat = d // self.heads, self.heads // self.kv_heads
+        for i, layer in enumerate(self.layers):
+            x = layer["norm"](h)
+            q = layer["q"](x).view(b, s, self.heads, size).transpose(1, 2)
+            k, v = (layer[n](x).view(b, s, self.kv_heads, size).transpose(1, 2) for n in "kv")
+            if i == 0:
+                k, v = (t[:, :, None].expand(b, self.kv_heads, repeat, s, size).reshape(b, self.heads, s, size)
+                        for t in (k, v))
+                attn = F.scaled_dot_product_attention(q, k, v)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            h = h + layer["o"](attn.transpose(1, 2).reshape(b, s, d))
+        return self.classifier(self.norm(h).mean(dim=1))
+
+
 class PackedAttention(nn.Module):
     """One projection writes query, key and value (GPT-2's layout), split into three, then heads."""
 
@@ -145,12 +190,13 @@ class PackedAttention(nn.Module):
 
 class WindowAttention(nn.Module):
     """Swin's window attention: one projection packs query, key and value, reshaped at once
-    into (parts, heads, head dim) and indexed apart; attention by explicit matrix products."""
+    into (parts, heads, head dim) and indexed apart; attention by explicit matrix products.
+    The packed projection has no bias: a mean fold gives it one, to be narrowed slice by slice."""
 
     def __init__(self, d=16, heads=2):
         super().__init__()
         self.heads = heads
-        self.embed, self.qkv, self.proj = nn.Linear(8, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.embed, self.qkv, self.proj = nn.Linear(8, d), nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d)
         self.fc = nn.Linear(d, 3)
 
     def forward(self, x):
@@ -232,6 +278,7 @@ ORACLES = {
     "grouped_conv": (GroupedConv, image),
     "post_ln_transformer": (PostLNTransformer, tokens),
     "packed_attention": (PackedAttention, tokens),
+    "grouped_query_attention": (GroupedQueryAttention, tokens),
     "tied_embeddings": (TiedLM, tokens),
     "torch_encoder": (TorchEncoder, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "window_attention": (WindowAttention, lambda batch=3: (torch.randn(batch, 5, 8),)),

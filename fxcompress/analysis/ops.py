@@ -215,6 +215,11 @@ def sdpa(ctx, node: Node) -> None:
     ctx.effect(ctx.dim(q, -1), "attention", node)
     ctx.tie(ctx.dim(v, -1), ctx.dim(node, -1))
     ctx.effect(ctx.dim(node, -1), "linear", node)
+    if arg(node, "enable_gqa", False) and ctx.ndim(q) >= 3:  # query head i reads key/value head i // (H/G)
+        query_heads, kv_heads = ctx.size(q, -3), ctx.size(k, -3)
+        if isinstance(kv_heads, int) and query_heads != kv_heads:
+            ctx.repeat_blocks(ctx.dim(q, -1), kv_heads, query_heads)
+            ctx.repeat_blocks(ctx.dim(v, -1), kv_heads, query_heads)
 
 
 @op_rule(*_overloads("matmul", "bmm"))
@@ -327,8 +332,8 @@ def reduce(ctx, node: Node) -> None:
     keep = ctx.ndim(node) == ctx.ndim(x)
     out_axis = 0
     for a in range(ctx.ndim(x)):
-        if a in axes:
-            ctx.freeze(ctx.dim(x, a), f"{node.name} reduces over this dim")
+        if a in axes:  # a normaliser (RMSNorm written out) or a pooling: it changes as the dim narrows
+            ctx.effect(ctx.dim(x, a), "normalizing", node)
             out_axis += keep
         else:
             ctx.tie(ctx.dim(x, a), ctx.dim(node, out_axis))

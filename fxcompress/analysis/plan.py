@@ -28,11 +28,14 @@ class Use:
     # a grouped convolution's input axis holds one block's channels; the block is picked by
     # the cut of this other axis (its outputs) into the group's blocks: block g reads block g
     block_axis: int | None = None
+    # grouped-query attention's query side: the axis holds each of the group's blocks this often, in turn
+    repeat: int = 1
 
     def __str__(self) -> str:
         where = "" if self.length is None else f"[{self.offset}:{self.offset + self.length}]"
         blocked = "" if self.block_axis is None else f" per block of [{self.block_axis}]"
-        return f"{self.param}[{self.axis}]{where}{blocked}"
+        repeated = "" if self.repeat == 1 else f" (each block ×{self.repeat})"
+        return f"{self.param}[{self.axis}]{where}{blocked}{repeated}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ class Context:
         self.uses: list[tuple[DimKey, Use, str | None]] = []
         self.splits: dict[str, tuple[Node, int]] = {}
         self.blocks: list[tuple[DimKey, int, str]] = []  # an axis cut into equal blocks: count, by what
+        self.repeats: list[tuple[DimKey, int, int]] = []  # blocks of an axis that another axis repeats
         self.segments: list[tuple[DimKey, list[tuple[DimKey, int, str]], str]] = []  # whole, parts, cat node
         self.split_index: dict[DimKey, tuple[str, int]] = {}  # a split output's axis → (split node, index)
 
@@ -166,13 +167,19 @@ class Context:
         if key is not None:
             self.blocks.append((key, count, why))
 
+    def repeat_blocks(self, key: DimKey | None, base: int, count: int) -> None:
+        """Where ``key``'s group is cut into ``count`` blocks, block ``i`` repeats block ``i // (count / base)``
+        of its cut into ``base`` (grouped-query attention)."""
+        if key is not None:
+            self.repeats.append((key, base, count))
+
     # -- reshapes and splits ---------------------------------------------------------------
     def match_reshape(self, x: Node, node: Node) -> None:
         """Tie input and output axes that a view maps one to one; freeze those it merges or splits,
         except a last axis split into heads (or merged from them), as attention does."""
         a_shape, b_shape = self.shape(x), self.shape(node)
         if self._split_heads(x, node, a_shape, b_shape, node) or self._split_heads(node, x, b_shape, a_shape, node) \
-                or self._split_packed_heads(x, node, a_shape, b_shape):
+                or self._split_packed_heads(x, node, a_shape, b_shape) or self._repeat_heads(x, node, a_shape, b_shape):
             return
         tail = 0  # axes equal from the right map one to one (the feature axis of a (B·S, d) view)
         while tail < min(len(a_shape), len(b_shape)) and a_shape[-1 - tail] == b_shape[-1 - tail] != 1:
@@ -220,6 +227,30 @@ class Context:
         self.freeze(self.dim(node, -3), f"{node.name} splits {b[-3]} packed parts: their number stays")
         self.freeze(self.dim(node, -2), f"{node.name} splits heads: the number of heads stays")
         return True
+
+    def _repeat_heads(self, x: Node, node: Node, a: tuple, b: tuple) -> bool:
+        """``(…, G, R, …) → (…, G·R, …)`` where ``x`` expanded the ``R`` axis from size 1: each of
+        ``G`` heads repeated ``R`` times in turn (``repeat_kv`` of grouped-query attention). The
+        head counts stay; the axes after them are each ``G`` blocks that ``G·R`` blocks repeat."""
+        source = self.shape(x.args[0]) if x.op == "call_function" and x.target == torch.ops.aten.expand.default else None
+        if source is None or not len(source) == len(a) == len(b) + 1:
+            return False
+        for i in range(len(b)):
+            g, r = a[i], a[i + 1]
+            if a[:i] == b[:i] and a[i + 2:] == b[i + 1:] and source[i + 1] == 1 and isinstance(g, int) \
+                    and isinstance(r, int) and r > 1 and g * r == b[i]:
+                reason = f"{node.name} repeats {g} heads {r} times: the number of heads stays"
+                for axis in range(len(b)):
+                    if axis == i:
+                        self.freeze(self.dim(x, i), reason)
+                        self.freeze(self.dim(x, i + 1), reason)
+                        self.freeze(self.dim(node, i), reason)
+                    else:
+                        self.tie(self.dim(x, axis + (axis > i)), self.dim(node, axis))
+                        if axis > i:
+                            self.repeat_blocks(self.dim(node, axis), g, g * r)
+                return True
+        return False
 
     def _freeze_block(self, x: Node, node: Node, a: tuple, b: tuple, i: int, j: int) -> tuple[int, int]:
         """Freeze the run of axes whose products match (a merge or a split); return where it ends."""
@@ -355,9 +386,13 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     blocks: dict[DimKey, dict[int, str]] = defaultdict(dict)
     for key, count, why in ctx.blocks:
         blocks[ctx.find(key)].setdefault(count, why)
+    repeats: dict[DimKey, set[tuple[int, int]]] = defaultdict(set)
+    for key, base, count in ctx.repeats:
+        repeats[ctx.find(key)].add((base, count))
     wholes = {ctx.find(whole) for whole, _, _ in ctx.segments}
     # a concatenated part that no op tied to another axis is its own only member
-    groups = [_group(ctx, root, uses, members[root] or [root], order, blocks.get(root, {}), containers.get(root, []))
+    groups = [_group(ctx, root, uses, members[root] or [root], order, blocks.get(root, {}), repeats.get(root, set()),
+                     containers.get(root, []))
               for root, uses in by_root.items() if root not in wholes and any(u.role != "channel" for u, _ in uses)]
     groups.sort(key=lambda g: g[0])
     return Plan(tuple(_unique_names([g for _, g in groups])))
@@ -420,40 +455,58 @@ def _leaves(ctx: Context, root: DimKey, cuts: dict, seen: tuple) -> list[tuple[D
 
 
 def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: dict[str, int],
-           blocks: dict[int, str], containers: list[DimKey]) -> tuple[int, WidthGroup]:
-    by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
+           blocks: dict[int, str], repeats: set[tuple[int, int]], containers: list[DimKey]) -> tuple[int, WidthGroup]:
     effects = sorted({e for k in keys for e, _ in ctx.effects.get(k, [])})
     passthrough = tuple(sorted({n for k in keys for _, n in ctx.effects.get(k, [])}, key=lambda n: order.get(n, 0)))
     frozen = tuple(dict.fromkeys(r for k in keys for r in ctx.frozen.get(k, [])))
-    # the activation entering the first consumer; without consumers (attention's query and
-    # key), the first producer's output
-    probes = [a for u, a in uses if u.role == "consumer" and a is not None] or \
-        [a for u, a in uses if u.role == "producer" and a is not None]
-    probe = min(probes, key=lambda n: order[n]) if probes else None
-    first = min(order.get(u.node, 0) for u, _ in uses)
-    size, count, mixed = _sizes(ctx, keys, blocks)
-    lengths = sorted({u.length for u, _ in uses if u.length is not None} - {size})
-    if lengths:  # a slice of a concatenation (or of a packed projection) is as wide as the group, or the group is unknown
-        mixed = mixed or f"it lies in slices of width {lengths} but its axes say {size}"
+    size, count, mixed = _sizes(ctx, keys, blocks, repeats)
+    uses = [(_with_repeat(ctx, u, size), a) for u, a in uses]
+    odd = [str(u) for u, _ in uses if u.repeat < 1 or u.length not in (None, size)]
+    if odd and not mixed:  # a slice (of a concatenation, a packed projection) is as wide as the group
+        mixed = f"{', '.join(odd)} fit neither its width {size} nor its blocks"
     if mixed:
         frozen += (mixed,)
-    name = _name(by_role)
+    by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
+    # the activation entering the first consumer; without consumers (attention's query and key),
+    # the first producer's output; at the group's own width (not a repeated view of it)
+    width = {name: _key_size(ctx, (name, axis)) for name, axis in keys if not name.startswith("param:")}
+    probes = [[a for u, a in uses if u.role == role and a is not None and width.get(a) == size]
+              for role in ("consumer", "producer")]
+    probe = min(probes[0] or probes[1], key=order.__getitem__) if any(probes) else None
+    first = min(order.get(u.node, 0) for u, _ in uses)
     activations = tuple(sorted((k for k in keys if not k[0].startswith("param:")), key=lambda k: (order.get(k[0], 0), k[1])))
-    return first, WidthGroup(name, size, by_role["producer"], by_role["consumer"], by_role["channel"],
+    return first, WidthGroup(_name(by_role), size, by_role["producer"], by_role["consumer"], by_role["channel"],
                              passthrough, tuple(effects), probe, frozen, activations, count,
                              tuple(containers), tuple(ctx.split_index[k] for k in keys if k in ctx.split_index))
 
 
-def _sizes(ctx: Context, keys: list[DimKey], blocks: dict[int, str]) -> tuple[int, int, str | None]:
-    """The group's width, its number of blocks, and why it is frozen if its sizes disagree."""
+def _sizes(ctx: Context, keys: list[DimKey], blocks: dict[int, str],
+           repeats: set[tuple[int, int]]) -> tuple[int, int, str | None]:
+    """The group's width, its number of blocks, and why it is frozen if its sizes disagree.
+
+    An axis cut into more blocks than the others is a repeated view of them only where an op
+    said so (grouped-query attention: ``H`` query heads read ``G`` key/value heads, ``H/G``
+    each): the group is then the ``G`` blocks.
+    """
     sizes = {s for s in (_key_size(ctx, k) for k in keys) if s > 0}
-    size = max(sizes, default=-1)
-    if len(blocks) > 1:
-        return size, 1, f"it is cut into blocks in different ways: {'; '.join(blocks.values())}"
-    count = next(iter(blocks), 1)
-    if size % count == 0 and sizes <= {size, size // count}:
-        return size, count, None
-    return size, 1, f"its axes have sizes {sorted(sizes)} that no cut into equal blocks explains"
+    counts = sorted(blocks) or [1]
+    unexplained = [blocks[c] for c in counts[1:] if (counts[0], c) not in repeats]
+    if unexplained:
+        return max(sizes, default=-1), 1, f"it is cut into blocks in different ways: {'; '.join(blocks.values())}"
+    block = min(sizes, default=-1) if len(sizes) > 1 else max(sizes, default=-1) // counts[0]
+    if block > 0 and sizes <= {block, *(block * c for c in counts)}:
+        return block * counts[0], counts[0], None
+    return max(sizes, default=-1), 1, f"its axes have sizes {sorted(sizes)} that no cut into equal blocks explains"
+
+
+def _with_repeat(ctx: Context, use: Use, size: int) -> Use:
+    """``use`` with how often its axis repeats each of the group's blocks (grouped-query
+    attention's query side); 0 where its width is no whole number of repeats."""
+    value = operator.attrgetter(use.param)(ctx.gm)
+    if use.block_axis is not None or use.length is not None or not isinstance(value, torch.Tensor):
+        return use
+    width = int(value.shape[use.axis])
+    return use if width == size else dataclasses.replace(use, repeat=width // size if width % size == 0 else 0)
 
 
 def _key_size(ctx: Context, key: DimKey) -> int:
