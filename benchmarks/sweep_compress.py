@@ -7,6 +7,7 @@ kept its shape and stayed finite.
     python benchmarks/sweep_compress.py                     # the eight of the acceptance sweep, and Llama
     python benchmarks/sweep_compress.py --models resnet18,bert
     python benchmarks/sweep_compress.py --models more        # nine further torchvision architectures
+    python benchmarks/sweep_compress.py --models transformers  # eighteen further transformers families
     python benchmarks/sweep_compress.py --rules exact         # random exact transforms keep the function?
 """
 
@@ -30,24 +31,68 @@ def vision(name: str, size: int = 64):
     return model, [torch.randn(4, 3, size, size) for _ in range(2)]
 
 
-def text(name: str):
+#: transformers models from small configs: (model class, config class, config, inputs). The
+#: first four are the acceptance sweep's; the rest (``--models transformers``) each bring a
+#: construct of their own: grouped-query or multi-query attention, rotary embeddings, ALiBi,
+#: relative position biases, encoder-decoder stacks, convolutional front ends, weight norm.
+VOCAB = 500
+TEXT = dict(vocab_size=VOCAB, max_position_embeddings=64)
+DECODER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, **TEXT)
+TRANSFORMERS = {
+    "bert": ("BertForSequenceClassification", "BertConfig", dict(hidden_size=128, num_hidden_layers=2,
+                                                               num_attention_heads=4, intermediate_size=256, **TEXT), "ids"),
+    "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig",
+                   dict(dim=128, n_layers=2, n_heads=4, hidden_dim=256, **TEXT), "ids"),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=128, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64), "ids"),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_key_value_heads=2, **DECODER), "ids"),
+    "roberta": ("RobertaForSequenceClassification", "RobertaConfig",
+                dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **TEXT), "ids"),
+    "albert": ("AlbertForSequenceClassification", "AlbertConfig", dict(embedding_size=64, hidden_size=128,
+               num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **TEXT), "ids"),
+    "deberta_v2": ("DebertaV2ForSequenceClassification", "DebertaV2Config",
+                   dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **TEXT), "ids"),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(num_key_value_heads=2, **DECODER), "ids"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(num_key_value_heads=2, **DECODER), "ids"),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(num_key_value_heads=1, head_dim=32, **DECODER), "ids"),
+    "phi": ("PhiForCausalLM", "PhiConfig", DECODER, "ids"),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", DECODER, "ids"),
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                                                word_embed_proj_dim=128, **TEXT), "ids"),
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=128, n_layer=2, n_head=4, vocab_size=VOCAB), "ids"),
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(d_model=128, d_ff=256, d_kv=32, num_layers=2, num_heads=4,
+                                                          vocab_size=VOCAB), "seq2seq"),
+    "clip_text": ("CLIPTextModelWithProjection", "CLIPTextConfig", dict(hidden_size=128, intermediate_size=256,
+                  num_hidden_layers=2, num_attention_heads=4, projection_dim=64, bos_token_id=0, eos_token_id=1,
+                  **TEXT), "ids"),
+    "vit_hf": ("ViTForImageClassification", "ViTConfig", dict(hidden_size=128, num_hidden_layers=2,
+               num_attention_heads=4, intermediate_size=256, image_size=64, patch_size=8), "pixels"),
+    "swin_hf": ("SwinForImageClassification", "SwinConfig", dict(image_size=64, patch_size=4, embed_dim=32,
+                depths=[1, 1], num_heads=[2, 4], window_size=4), "pixels"),
+    "convnext_hf": ("ConvNextForImageClassification", "ConvNextConfig", dict(hidden_sizes=[16, 32, 64, 128],
+                    depths=[1, 1, 1, 1]), "pixels"),
+    "mobilevit": ("MobileViTForImageClassification", "MobileViTConfig", dict(image_size=64, hidden_sizes=[32, 48, 64],
+                  neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]), "pixels"),
+    "wav2vec2": ("Wav2Vec2ForSequenceClassification", "Wav2Vec2Config", dict(hidden_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=256, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4), "audio"),
+    "whisper": ("WhisperForAudioClassification", "WhisperConfig", dict(d_model=128, encoder_layers=2,
+                encoder_attention_heads=4, encoder_ffn_dim=256, num_mel_bins=16, max_source_positions=50), "mel"),
+}
+INPUTS = {
+    "ids": lambda: {"input_ids": torch.randint(0, VOCAB, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)},
+    "seq2seq": lambda: {**INPUTS["ids"](), "decoder_input_ids": torch.randint(0, VOCAB, (4, 8))},
+    "pixels": lambda: {"pixel_values": torch.randn(4, 3, 64, 64)},
+    "audio": lambda: {"input_values": torch.randn(4, 4000)},
+    "mel": lambda: {"input_features": torch.randn(4, 16, 100)},
+}
+
+
+def transformers_model(name: str):
     import transformers as tf
 
-    small = dict(vocab_size=500, max_position_embeddings=64)
-    if name == "bert":
-        model = tf.BertForSequenceClassification(tf.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                                               intermediate_size=256, **small))
-    elif name == "distilbert":
-        model = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(dim=128, n_layers=2, n_heads=4, hidden_dim=256,
-                                                                           **small))
-    elif name == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=500, n_positions=64))
-    else:  # grouped-query attention (4 query heads, 2 key/value heads), RMSNorm, rotary embeddings, SwiGLU
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2, **small))
-    batches = [{"input_ids": torch.randint(0, 500, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}
-               for _ in range(2)]
-    return model, batches
+    model_class, config_class, config, inputs = TRANSFORMERS[name]
+    model = getattr(tf, model_class)(getattr(tf, config_class)(**config))
+    return model, [INPUTS[inputs]() for _ in range(2)]
 
 
 MODELS = {
@@ -56,23 +101,25 @@ MODELS = {
     "mobilenet_v2": lambda: vision("mobilenet_v2"),
     "densenet121": lambda: vision("densenet121"),
     "vit_b_16": lambda: vision("vit_b_16", 64),
-    "bert": lambda: text("bert"),
-    "distilbert": lambda: text("distilbert"),
-    "gpt2": lambda: text("gpt2"),
-    "llama": lambda: text("llama"),
+    **{name: (lambda name=name: transformers_model(name)) for name in ("bert", "distilbert", "gpt2", "llama")},
 }
 #: Further torchvision architectures, each with a construct the eight above lack: squeeze-excite
 #: gates, channel shuffle, layer scale, grouped convolutions, shifted windows, inception branches.
 MORE = ("mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "convnext_tiny", "regnet_y_400mf",
         "resnext50_32x4d", "googlenet", "squeezenet1_0", "swin_t")
-SETS = {"default": ",".join(MODELS), "more": ",".join(MORE)}
+HF_MORE = tuple(name for name in TRANSFORMERS if name not in MODELS)
+SETS = {"default": ",".join(MODELS), "more": ",".join(MORE), "transformers": ",".join(HF_MORE)}
 MODELS.update({name: (lambda name=name: vision(name)) for name in MORE})
+MODELS.update({name: (lambda name=name: transformers_model(name)) for name in HF_MORE})
 
 
 def output(out):
     if isinstance(out, torch.Tensor):
         return out
-    return out["logits"] if "logits" in out else next(iter(out.values()))
+    for key in ("logits", "text_embeds"):
+        if key in out:
+            return out[key]
+    return next(iter(out.values()))
 
 
 def run(name: str, rule: str) -> str:
@@ -101,6 +148,7 @@ def exactness(name: str) -> str:
     model = model.double().eval()
     args, kwargs = fxcompress.calibrate.as_call(batches[0])
     args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    kwargs = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
     gm = fxcompress.capture(model, args, kwargs)
     plan = fxcompress.analyze_graph(gm)
     projections = fxcompress.exact_transforms(plan)
@@ -112,7 +160,7 @@ def exactness(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="default", help="names, or 'default', 'more', 'all'")
+    parser.add_argument("--models", default="default", help="names, or 'default', 'more', 'transformers', 'all'")
     parser.add_argument("--rules", default="fixed,default", help="fixed, default, and exact (the check of "
                         "exactness(): random k = d transforms on every exact group, float64)")
     args = parser.parse_args()

@@ -112,8 +112,9 @@ def _export(model: Any, args: tuple, kwargs: dict, share_weights: bool) -> torch
         raise CaptureError("capturing a module needs example inputs: pass one batch as the model is called")
     work = _copy(model, share_weights).eval()
     make_headwise(work)  # nn.MultiheadAttention with an explicit head axis the analysis can follow
-    if getattr(getattr(work, "config", None), "use_cache", False):
-        work.config.use_cache = False  # a KV cache object is not a tensor output; compression needs none
+    for module in work.modules():  # encoder-decoder models keep a config per stack
+        if getattr(getattr(module, "config", None), "use_cache", False):
+            module.config.use_cache = False  # a KV cache object is not a tensor output; compression needs none
     dynamic = dynamic_shapes(args, kwargs)
     try:
         with _tracing(oblivious=dynamic is not None and _has_unit_axis(args, kwargs)):

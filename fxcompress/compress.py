@@ -236,7 +236,7 @@ def _batches(calib_data: Iterable[Any]) -> list[Any]:
 
 
 def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:
-    candidates = [g for g in plan.groups if not g.frozen and g.probe is not None]
+    candidates = [g for g in plan.groups if not g.frozen and g.probe is not None and g.block_size > 1]
     if config.widths is not None:
         names = {g.name: g for g in plan.groups}
         for name, k in config.widths.items():
@@ -369,7 +369,8 @@ def _transform(group: WidthGroup, config: CompressConfig) -> str:
 
 def _report(group: WidthGroup, decision) -> GroupReport:
     if decision is None:
-        reason = group.frozen_by or (("not targeted",) if group.probe is not None else ("no consumer to probe",))
+        reason = group.frozen_by or (("no consumer to probe",) if group.probe is None else
+                                     ("one channel per block: nothing to narrow",) if group.block_size < 2 else ("not targeted",))
         return GroupReport(group.name, group.size, group.size, None, None, None, None, None, True, reason)
     proj, sel, transform = decision
     if sel is None:

@@ -39,6 +39,7 @@ aten = torch.ops.aten
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
 NORMS = {aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default}
+BIASED = CONVS | {aten.linear.default}  # ops with a bias argument (addmm takes it first)
 
 
 class RewriteError(FxCompressError):
@@ -232,8 +233,17 @@ def _repeated(p: torch.Tensor, mean: torch.Tensor | None, blocks: int, repeat: i
 
 
 def _bias_of(node: Node) -> object:
-    """The bias input of a linear, convolution or addmm call (addmm takes it first)."""
-    return node.args[0] if node.target == aten.addmm.default else arg(node, "bias")
+    """The bias input of a linear, convolution or addmm call (addmm takes it first); for other
+    products (``x @ W``), the parameter added to it where that add is its only user."""
+    if node.target == aten.addmm.default:
+        return node.args[0]
+    if node.target in BIASED:
+        return arg(node, "bias")
+    user = next(iter(node.users)) if len(node.users) == 1 else None
+    if user is not None and user.target == aten.add.Tensor and user.args[0] is node and \
+            isinstance(user.args[1], Node) and user.args[1].op == "get_attr":
+        return user.args[1]
+    return None
 
 
 def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
@@ -332,6 +342,11 @@ def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor
     _set(gm, name, value, parameter=True)
     with gm.graph.inserting_before(node):
         bias_node = gm.graph.get_attr(name)
+    if node.target not in BIASED:  # a product without a bias argument: add one after it
+        with gm.graph.inserting_after(node):
+            added = gm.graph.call_function(aten.add.Tensor, (node, bias_node))
+        node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+        return
     args = list(node.args)
     while len(args) < 3:
         args.append(None)

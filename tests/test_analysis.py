@@ -113,6 +113,13 @@ EXPECTED = {
         "c": (6, ["c.weight[0]", "c.bias[0]", "d.weight[0]", "d.bias[0]"], ["fc.weight[1]"], [], ("selection", "projection")),
         "fc": (2, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
+    "assorted": {  # a cast parameter is still the parameter; a computed weight freezes what it touches
+        "embed.in": (8, [], ["embed.weight[1]"], [], FROZEN),
+        "embed": (16, ["embed.weight[0]", "embed.bias[0]", "scale[0]"], ["w[0]"], [], ("selection",)),
+        "w": (24, ["w[1]"], [], [], FROZEN),
+        "normed": (12, ["normed.bias[0]"], ["fc.weight[1]"], [], FROZEN),
+        "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
+    },
     "unsupported_op": {
         "fc1.in": (8, [], ["fc1.weight[1]"], [], FROZEN),
         "fc1": (24, ["fc1.weight[0]", "fc1.bias[0]"], [], [], FROZEN),
@@ -199,6 +206,26 @@ def test_a_head_split_that_does_not_divide_evenly_is_no_head_split():
 def test_unknown_op_names_the_node_and_op():
     plan = _plan("unsupported_op")
     assert plan["fc1"].frozen_by == ("cumsum (aten.cumsum.default) has no width rule",)
+
+
+def test_a_computed_weight_freezes_its_groups_and_says_so():
+    plan = _plan("assorted")
+    assert plan["w"].frozen_by[0] == "linear_1 takes a computed consumer weight (_weight_norm): only parameters are narrowed"
+
+
+def test_a_parameter_reached_by_an_unrecorded_way_freezes_its_group():
+    """``W @ x`` with the parameter first: no rule records it, so its group keeps its size."""
+
+    class LeftWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.w, self.b = torch.nn.Linear(4, 6), torch.nn.Parameter(torch.randn(6, 6)), torch.nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b((self.w @ self.a(x).T).T)
+
+    plan = analyze(LeftWeight(), (torch.randn(3, 4),))
+    assert "parameter w reaches this dim (its axis 1) by a way no width rule records" in plan["a"].frozen_by
 
 
 def test_probe_points_are_the_activations_feeding_consumers():

@@ -42,11 +42,23 @@ def test_exact_transforms_preserve_the_function(name):
     assert _rel(out(*x), model(*x)) <= 1e-5
 
 
-def test_projection_with_mean_folding_is_exact_on_the_signal_subspace():
+class _MatmulHead(nn.Module):
+    """``x @ W`` with no bias: a mean fold adds one after the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 3))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.parametrize("head", [lambda: nn.Linear(16, 3), _MatmulHead], ids=["linear", "matmul"])
+def test_projection_with_mean_folding_is_exact_on_the_signal_subspace(head):
     """Activations that live in a k-dim affine subspace: projecting onto it (and folding the
     mean into the consumer's bias) loses nothing."""
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Linear(16, 3)).double().eval()
+    model = nn.Sequential(nn.Linear(6, 16), head()).double().eval()
     with torch.no_grad():  # the 16-wide hidden activation spans only 4 directions around an offset
         basis = torch.linalg.qr(torch.randn(16, 4, dtype=torch.float64))[0]
         model[0].weight.copy_(basis @ torch.randn(4, 6, dtype=torch.float64))
@@ -170,6 +182,23 @@ def test_magnitude_scores_each_slice_and_repeat_of_a_channel():
         torch.testing.assert_close(weight_norms(gm, plan[group]), expected.detach())
 
 
+def test_one_key_value_head_that_every_query_head_repeats_takes_exact_transforms():
+    """Multi-query attention: one key/value head is no cut into heads, yet the 4 query heads
+    (and the output projection's 4 slices) repeat it; rotations of it stay exact."""
+    cls, inputs = ORACLES["grouped_query_attention"]
+    torch.manual_seed(10)
+    model = cls(kv_heads=1).double().eval()
+    x = inputs()
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    for layer in range(2):
+        values = plan[f"layers.{layer}.v"]
+        assert (values.size, values.blocks) == (8, 1) and values.exact == ("selection", "projection")
+        assert [str(u) for u in values.consumers] == [f"layers.{layer}.o.weight[1] (each block ×4)"]
+    out = rewrite(gm, plan, exact_transforms(plan, seed=3))
+    assert _rel(out(*x), model(*x)) <= 1e-9
+
+
 def test_narrowing_packed_window_attention_resizes_the_head_dim():
     """Query, key and value all zero on the last dim of each head: dropping it keeps the
     function; the packed projection loses a row per head in each of its three slices, and
@@ -287,6 +316,24 @@ def test_compress_runs_on_the_zoo(name, config):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # and its own: training it
     blob = result.to_dict()
     assert blob["params_after"] == result.params_after and len(blob["groups"]) == len(result.plan.groups)
+
+
+def test_a_group_one_channel_wide_is_kept_and_reported():
+    """A waveform gains its channel axis by ``x[:, None]`` (wav2vec2's feature extractor): a
+    width of one that no input freezes, and nothing to narrow."""
+
+    class Waveform(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(1, 16, 5), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x[:, None])).mean(dim=-1))
+
+    result = fxcompress.compress(Waveform(), [torch.randn(8, 40) for _ in range(2)],
+                                 CompressConfig(rule="fixed", ratio=0.5, round_to=1))
+    assert {r.name: r.frozen_by for r in result.report}["conv.in"] == ("one channel per block: nothing to narrow",)
+    assert {r.name: r.k for r in result.report}["conv"] == 8
 
 
 def test_report_has_the_spectral_figures():

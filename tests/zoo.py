@@ -250,6 +250,25 @@ class ChannelShuffle(nn.Module):
         return self.fc((self.c(left) + self.d(right)).mean(dim=(2, 3)))
 
 
+class Assorted(nn.Module):
+    """Ways transformers models apply weights: a scale stored as an offset from one and cast
+    first (Gemma's RMSNorm), a weight stored (in, out) and applied by matmul, a weight
+    normalised on the fly (wav2vec2's positional convolution), and pooling by advanced
+    indexing (CLIP's end-of-text token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.scale = nn.Linear(8, 16), nn.Parameter(torch.zeros(16))
+        self.w = nn.Parameter(torch.randn(16, 24) * 0.2)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(24, 12))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x) * (1.0 + self.scale.float()) @ self.w)
+        h = self.normed(h)
+        return self.fc(h[torch.arange(h.shape[0]), x[..., 0].argmax(dim=-1)])
+
+
 class Unsupported(nn.Module):
     """A cumulative sum over features: an op the analysis has no rule for."""
 
@@ -283,5 +302,6 @@ ORACLES = {
     "torch_encoder": (TorchEncoder, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "window_attention": (WindowAttention, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "channel_shuffle": (ChannelShuffle, image),
+    "assorted": (Assorted, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "unsupported_op": (Unsupported, lambda batch=3: (torch.randn(batch, 8),)),
 }

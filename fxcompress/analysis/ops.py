@@ -224,9 +224,24 @@ def sdpa(ctx, node: Node) -> None:
 
 @op_rule(*_overloads("matmul", "bmm"))
 def matmul(ctx, node: Node) -> None:
-    a, b = node.args[:2]
+    _matmul(ctx, node, *node.args[:2])
+
+
+@op_rule(*_overloads("baddbmm"))
+def baddbmm(ctx, node: Node) -> None:
+    """``β·input + α·(batch1 @ batch2)`` (attention scores with a bias, ALiBi's)."""
+    _matmul(ctx, node, *node.args[1:3])
+    ctx.broadcast(node, [node.args[0]], param_role="producer")
+
+
+def _matmul(ctx, node: Node, a: Node, b: Node) -> None:
     if ctx.ndim(a) < 2 or ctx.ndim(b) < 2:
         ctx.freeze_all(node, f"{node.name}: matmul with a vector operand")
+        return
+    if ctx.parameter(b) is not None and ctx.ndim(b) == 2:  # x @ W, a weight stored (in, out)
+        ctx.tie_leading(a, node, ctx.ndim(node) - 1)
+        ctx.consume(a, -1, b, 0, node)
+        ctx.produce(node, -1, b, 1, None)
         return
     for axis in range(ctx.ndim(node) - 2):
         ctx.broadcast_axis(node, [a, b], axis)
@@ -248,6 +263,14 @@ def softmax(ctx, node: Node) -> None:
 def permute(ctx, node: Node) -> None:
     for out_axis, in_axis in enumerate(node.args[1]):
         ctx.tie(ctx.dim(node.args[0], in_axis), ctx.dim(node, out_axis))
+
+
+@op_rule(*_overloads("numpy_T"))
+def reverse_axes(ctx, node: Node) -> None:
+    """``x.T``: every axis reversed."""
+    n = ctx.ndim(node)
+    for axis in range(n):
+        ctx.tie(ctx.dim(node.args[0], n - 1 - axis), ctx.dim(node, axis))
 
 
 @op_rule(*_overloads("transpose.int", "t"))
@@ -278,6 +301,22 @@ def select(ctx, node: Node) -> None:
     for out_axis, in_axis in enumerate(kept):
         ctx.tie(ctx.dim(x, in_axis), ctx.dim(node, out_axis))
     ctx.freeze(ctx.dim(x, axis), f"{node.name} selects one index of this dim")
+
+
+@op_rule(*_overloads("index.Tensor"))
+def index(ctx, node: Node) -> None:
+    """Advanced indexing (CLIP pools the token at each sequence's end): the axes after the last
+    indexed one keep their place at the end; the indexed axes and those before them freeze."""
+    x, indices = node.args[0], node.args[1]
+    last = max((i for i, t in enumerate(indices) if t is not None), default=-1)
+    trailing = ctx.ndim(x) - last - 1
+    for k in range(1, trailing + 1):
+        ctx.tie(ctx.dim(x, -k), ctx.dim(node, -k))
+    reason = f"{node.name} indexes this dim or moves it"
+    for axis in range(last + 1):
+        ctx.freeze(ctx.dim(x, axis), reason)
+    for axis in range(ctx.ndim(node) - trailing):
+        ctx.freeze(ctx.dim(node, axis), reason)
 
 
 @op_rule(*_overloads("slice.Tensor"))

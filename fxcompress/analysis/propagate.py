@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.analysis.ops import MODULE_RULES, OP_RULES
+from fxcompress.analysis.ops import IDENTITY_LIKE, MODULE_RULES, OP_RULES
 from fxcompress.analysis.plan import Plan, Use, WidthGroup
 from fxcompress.capture import capture
 
@@ -112,7 +112,7 @@ class Context:
             for a, size in enumerate(shape):
                 if size == out[a + offset] and size != 1:
                     self.tie(self.dim(operand, a), self.dim(node, a + offset))
-                    if operand.op == "get_attr":
+                    if self.parameter(operand) is not None:
                         self.record(self.dim(node, a + offset), operand, a, param_role, node, None)
 
     def broadcast_axis(self, node: Node, operands: list[Node], axis: int) -> None:
@@ -140,10 +140,22 @@ class Context:
         for key in self.dims(node):
             self.freeze(key, reason)
 
+    def parameter(self, node: Any) -> Node | None:
+        """The parameter (``get_attr``) that ``node`` is, or is a cast or copy of; None for computed tensors."""
+        while isinstance(node, Node) and node.op == "call_function" and node.target in IDENTITY_LIKE:
+            node = node.args[0]
+        return node if isinstance(node, Node) and node.op == "get_attr" else None
+
     def record(self, key: DimKey, param: Node, axis: int, role: str, node: Node, activation: Node | None,
                block_axis: int | None = None) -> None:
+        """``param``'s ``axis`` is in ``key``'s group, as ``role``; a weight computed by the graph
+        (weight normalisation, an activation) freezes the group: only parameters are narrowed."""
         self.tie(key, self.dim(param, axis))
-        use = Use(param=str(param.target), axis=axis, role=role, node=node.name, block_axis=block_axis)
+        source = self.parameter(param)
+        if source is None:
+            self.freeze(key, f"{node.name} takes a computed {role} weight ({param.name}): only parameters are narrowed")
+            return
+        use = Use(param=str(source.target), axis=axis, role=role, node=node.name, block_axis=block_axis)
         self.uses.append((key, use, None if activation is None else activation.name))
 
     def consume(self, x: Node, x_axis: int, weight: Node, w_axis: int, node: Node, block_axis: int | None = None) -> None:
@@ -376,6 +388,7 @@ def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
 
 
 def _collect(ctx: Context, order: dict[str, int]) -> Plan:
+    _freeze_unrecorded_parameters(ctx)
     members: dict[DimKey, list[DimKey]] = defaultdict(list)
     for key in list(ctx.parent):
         members[ctx.find(key)].append(key)
@@ -396,6 +409,16 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
               for root, uses in by_root.items() if root not in wholes and any(u.role != "channel" for u, _ in uses)]
     groups.sort(key=lambda g: g[0])
     return Plan(tuple(_unique_names([g for _, g in groups])))
+
+
+def _freeze_unrecorded_parameters(ctx: Context) -> None:
+    """A parameter axis that joined a group through ops no rule records as a use (a weight
+    transformed before it is applied) would keep its size while the rest narrows: freeze."""
+    recorded = {(f"param:{use.param}", use.axis) for _, use, _ in ctx.uses}
+    for key in list(ctx.parent):
+        if key[0].startswith("param:") and key not in recorded:
+            ctx.freeze(key, f"parameter {key[0][len('param:'):]} reaches this dim (its axis {key[1]}) by a way "
+                            "no width rule records")
 
 
 def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> dict[DimKey, list[tuple[str, int]]]:
@@ -489,7 +512,8 @@ def _sizes(ctx: Context, keys: list[DimKey], blocks: dict[int, str],
     each): the group is then the ``G`` blocks.
     """
     sizes = {s for s in (_key_size(ctx, k) for k in keys) if s > 0}
-    counts = sorted(blocks) or [1]
+    # a single key/value head (multi-query attention) is no cut, but its query heads repeat it
+    counts = sorted(set(blocks) | {base for base, count in repeats if count in blocks}) or [1]
     unexplained = [blocks[c] for c in counts[1:] if (counts[0], c) not in repeats]
     if unexplained:
         return max(sizes, default=-1), 1, f"it is cut into blocks in different ways: {'; '.join(blocks.values())}"
