@@ -251,7 +251,7 @@ class Context:
             g, r = a[i], a[i + 1]
             if a[:i] == b[:i] and a[i + 2:] == b[i + 1:] and source[i + 1] == 1 and isinstance(g, int) \
                     and isinstance(r, int) and r > 1 and g * r == b[i]:
-                reason = f"{node.name} repeats {g} heads {r} times: the number of heads stays"
+                reason = f"{node.name} repeats each of {g} entries {r} times (grouped-query heads): their number stays"
                 for axis in range(len(b)):
                     if axis == i:
                         self.freeze(self.dim(x, i), reason)
