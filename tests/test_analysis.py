@@ -8,7 +8,7 @@ import torch
 from fxcompress.analysis import analyze, analyze_graph
 from fxcompress.analysis.ops import MODULE_RULES, OP_RULES
 from fxcompress.capture import capture
-from fxcompress.rewrite import Projection, rewrite
+from fxcompress.rewrite import Projection, exact_transforms, rewrite
 from zoo import ORACLES
 
 FROZEN = "frozen"
@@ -296,3 +296,24 @@ def test_rolling_spatial_axes_passes_channels_and_rolling_channels_freezes_them(
     x = torch.randn(2, 3, 5, 5)
     assert analyze(Rolled((2, 3)), (x,))["a"].exact == ("selection", "projection")
     assert "roll rolls this axis" in analyze(Rolled((1,)), (x,))["a"].frozen_by
+
+
+def test_masks_built_from_activations_act_per_channel():
+    """Comparisons, their logical combinations, ``where`` with a scalar and ``masked_fill`` keep
+    every dim and act element by element: a permutation of the channels passes through them."""
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(torch.where((h > 0) & (h < 5), h, 0.0).masked_fill(h > 3, 1.0))
+
+    model = Masked().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    gm = capture(model, (x,))
+    plan = analyze_graph(gm)
+    assert plan["a"].exact == ("selection",) and not plan["a"].frozen
+    assert torch.allclose(rewrite(gm, plan, exact_transforms(plan))(x), model(x), atol=1e-12)

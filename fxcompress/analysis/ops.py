@@ -75,7 +75,8 @@ CHANNELWISE_UNARY = _overloads(
     "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh",
     "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu",
     "elu_", "mish", "softplus", "abs", "sqrt", "rsqrt", "exp", "log", "pow.Tensor_Scalar", "erf", "clamp",
-    "clamp_min", "clamp_max", "relu6", "add.Scalar", "sub.Scalar", "reciprocal", "sin", "cos")
+    "clamp_min", "clamp_max", "relu6", "add.Scalar", "sub.Scalar", "reciprocal", "sin", "cos", "sign", "isnan",
+    "isinf", "logical_not", "bitwise_not", "gt.Scalar", "lt.Scalar", "ge.Scalar", "le.Scalar", "eq.Scalar", "ne.Scalar")
 
 
 def elementwise(effect: str) -> Rule:
@@ -99,15 +100,18 @@ def add(ctx, node: Node) -> None:
     ctx.effect_all(node, "linear")
 
 
-@op_rule(*_overloads("mul.Tensor", "mul_.Tensor", "div.Tensor", "div_.Tensor", "maximum", "minimum"))
+@op_rule(*_overloads("mul.Tensor", "mul_.Tensor", "div.Tensor", "div_.Tensor", "maximum", "minimum", "gt.Tensor",
+                     "lt.Tensor", "ge.Tensor", "le.Tensor", "eq.Tensor", "ne.Tensor", "logical_and", "logical_or",
+                     "__and__.Tensor", "__or__.Tensor", "bitwise_and.Tensor", "bitwise_or.Tensor"))
 def multiply(ctx, node: Node) -> None:
     """Gates, squeeze-excite and layer scales: per channel; a parameter operand is per-channel."""
     ctx.broadcast(node, list(node.args[:2]), param_role="channel")
     ctx.effect_all(node, "channelwise")
 
 
-@op_rule(*_overloads("where.self"))
+@op_rule(*_overloads("where.self", "where.ScalarOther", "where.ScalarSelf", "masked_fill.Scalar", "masked_fill.Tensor"))
 def where(ctx, node: Node) -> None:
+    """A choice element by element between tensors or scalars (masks): per channel."""
     ctx.broadcast(node, list(node.args[:3]), param_role="channel")
     ctx.effect_all(node, "channelwise")
 
