@@ -394,7 +394,7 @@ def test_rewrite_refuses_frozen_groups_and_bad_widths():
         rewrite(gm, plan, {"nope": Projection(torch.eye(4))})
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
 def test_transformers_models_compress(family):
     import transformers as tf
 
@@ -405,18 +405,24 @@ def test_transformers_models_compress(family):
                                                                max_position_embeddings=32))
     elif family == "gpt2":  # Conv1D layers (addmm), a tied LM head, a KV cache capture must switch off
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=200, n_embd=64, n_layer=2, n_head=4, n_positions=32))
-    else:  # grouped-query attention, written-out RMSNorm, rotary embeddings, SwiGLU
+    elif family == "llama":  # grouped-query attention, written-out RMSNorm, rotary embeddings, SwiGLU
         model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128,
                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                    max_position_embeddings=32))
+    else:  # an encoder-decoder whose decoder stack has a config (and a KV cache) of its own
+        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=200, d_model=64, d_ff=128, d_kv=16, num_layers=2,
+                                                          num_heads=4))
     model.eval()
-    batches = [{"input_ids": torch.randint(0, 200, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
-               for _ in range(2)]
+    caching = lambda: [m.config.use_cache for m in model.modules() if hasattr(m, "config")]  # noqa: E731
+    cached = caching()
+    decoder = {"decoder_input_ids": torch.randint(0, 200, (4, 6))} if family == "t5" else {}
+    batches = [{"input_ids": torch.randint(0, 200, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+                **decoder} for _ in range(2)]
     result = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5))
     out = result.module(**batches[0]).logits
     assert out.shape == model(**batches[0]).logits.shape and torch.isfinite(out).all()
     assert result.params_after < 0.7 * result.params_before
-    assert model.config.use_cache is True  # capture switched caching off on its own copy only
+    assert caching() == cached and cached[0] is True  # capture switched caching off in its own copy only
     if family == "llama":  # values and output projections narrow exactly, per key/value head; rotary query/key stay
         values = [r for r in result.report if r.name.endswith("v_proj")]
         assert len(values) == 2 and all(r.k < r.d and r.exact for r in values)
