@@ -341,6 +341,10 @@ def _weight_norms(gm: GraphModule, group: WidthGroup) -> torch.Tensor:
         rows = torch.movedim(operator.attrgetter(use.param)(gm).detach().to(torch.float64), use.axis, 0)
         if use.length is not None:  # a packed projection's slice
             rows = rows[use.offset:use.offset + use.length]
+        if use.block is not None:  # the slice holds one block (head) of the group
+            start = use.block * group.block_size
+            score[start:start + group.block_size] += (rows.reshape(group.block_size, -1) ** 2).sum(dim=1)
+            continue
         # an axis that repeats each block (grouped-query attention's query side) scores it as often
         score += (rows.reshape(group.blocks, use.repeat, group.block_size, -1) ** 2).sum(dim=(1, 3)).reshape(-1)
     return score

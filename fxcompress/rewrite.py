@@ -204,13 +204,13 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices
     if mean is not None:
         for use in group.consumers:
             if (use.param, use.axis, use.offset) not in producers:
-                _fold_mean(gm, use, *_repeated(p, mean, group.blocks, use.repeat), slices.offset(use))
+                _fold_mean(gm, use, *_as_seen(p, mean, group, use), slices.offset(use))
     done: set[tuple[str, int, int]] = set()
     for use in (*group.producers, *_added_biases(gm, group), *group.consumers, *group.channels):
         if (use.param, use.axis, use.offset) in done:
             continue
         done.add((use.param, use.axis, use.offset))
-        start, (q, _) = slices.offset(use), _repeated(p, None, group.blocks, use.repeat)
+        start, (q, _) = slices.offset(use), _as_seen(p, None, group, use)
         if use.role == "channel":
             _narrow_channel(gm, use, q, start)
         elif use.block_axis is not None:
@@ -222,14 +222,19 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices
     _rewrite_constants(gm, group, proj.k)
 
 
-def _repeated(p: torch.Tensor, mean: torch.Tensor | None, blocks: int, repeat: int):
-    """``P`` and the mean as an axis that holds each block ``repeat`` times in turn sees them
-    (grouped-query attention's query side): ``P``'s diagonal blocks repeated, the mean's blocks too."""
-    if repeat == 1:
-        return p, mean
+def _as_seen(p: torch.Tensor, mean: torch.Tensor | None, group: WidthGroup, use: Use):
+    """``P`` and the mean as ``use``'s axis sees them: one diagonal block where it holds one
+    block (a projection packed head by head), every block ``repeat`` times in turn where it
+    repeats them (grouped-query attention's query side), else as they are."""
+    blocks = group.blocks
     k, d = (size // blocks for size in p.shape)
-    tiles = [p[g * k:(g + 1) * k, g * d:(g + 1) * d] for g in range(blocks) for _ in range(repeat)]
-    return torch.block_diag(*tiles), None if mean is None else mean.reshape(blocks, d).repeat_interleave(repeat, 0).reshape(-1)
+    if use.block is not None:
+        g = use.block
+        return p[g * k:(g + 1) * k, g * d:(g + 1) * d], None if mean is None else mean[g * d:(g + 1) * d]
+    if use.repeat == 1:
+        return p, mean
+    tiles = [p[g * k:(g + 1) * k, g * d:(g + 1) * d] for g in range(blocks) for _ in range(use.repeat)]
+    return torch.block_diag(*tiles), None if mean is None else mean.reshape(blocks, d).repeat_interleave(use.repeat, 0).reshape(-1)
 
 
 def _bias_of(node: Node) -> object:
@@ -359,8 +364,8 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
     block, new_block = group.block_size, k // group.blocks
     for name, axis in group.activations:  # the whole, one block (a head), or repeated blocks: so many blocks
         _resize_constant(nodes[name], axis, lambda size: size // block * new_block if size % block == 0 else None)
-    for name, axis in group.containers:  # concatenations the group lies in are narrower by as much
-        _resize_constant(nodes[name], axis, lambda size: size - group.size + k)
+    for name, axis, width in group.containers:  # concatenations the group lies in are narrower by as much
+        _resize_constant(nodes[name], axis, lambda size: size - width + width * k // group.size)
     _resize_splits(nodes, group, k)
     activations = set(group.activations)
     for node in nodes.values():
@@ -396,7 +401,7 @@ def _resize_splits(nodes: Mapping[str, Node], group: WidthGroup, k: int) -> None
             sizes = list(node.args[1])
         else:
             sizes = [int(v.shape[dim]) for v in node.meta["val"]]
-        sizes[index] = k
+        sizes[index] = sizes[index] * k // group.size  # the whole group, or one block of it (head by head)
         node.target = aten.split_with_sizes.default
         node.args, node.kwargs = (x, sizes, dim), {}
 

@@ -104,6 +104,19 @@ EXPECTED = {
                 ("selection",)),
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
+    "interleaved_heads": {  # [q₀ k₀ v₀ q₁ k₁ v₁]: each part's group takes one slice per head
+        "embed.in": (8, [], ["embed.weight[1]"], [], FROZEN),
+        "embed": (16, ["embed.weight[0]", "embed.bias[0]", "o.0.weight[0]", "o.0.bias[0]", "o.1.weight[0]", "o.1.bias[0]"],
+                  ["qkv.0.weight[1]", "qkv.1.weight[1]", "fc.weight[1]"], [], ("selection", "projection")),
+        "qkv.0": (16, [f"qkv.0.{w}[0][{s}] (block {g})" for s, g in (("16:24", 0), ("40:48", 1)) for w in ("weight", "bias")],
+                  ["o.0.weight[1]"], [], ("selection", "projection")),  # GPT-NeoX's view (…, H, 3h), chunked: the value
+        "qkv.0#1": (16, [f"qkv.0.{w}[0][{s}] (block {g})" for s, g in (("0:8", 0), ("24:32", 1), ("8:16", 0), ("32:40", 1))
+                         for w in ("weight", "bias")], [], [], ()),  # query and key
+        "qkv.1": (16, [f"qkv.1.{w}[0][{s}] (block {g})" for s, g in (("0:8", 0), ("24:32", 1), ("8:16", 0), ("32:40", 1),
+                                                                     ("16:24", 0), ("40:48", 1)) for w in ("weight", "bias")],
+                  ["o.1.weight[1]"], [], ()),  # BLOOM's view (…, H, 3, h), indexed: query, key and value
+        "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
+    },
     "channel_shuffle": {  # the view that interleaves the concatenated parts freezes them, and the halves split off
         "a.in": (3, [], ["a.weight[1]", "b.weight[1]"], [], FROZEN),
         "a": (4, ["a.weight[0]", "a.bias[0]"], [], [], FROZEN),
@@ -183,7 +196,7 @@ def test_a_packed_qkv_projection_splits_into_its_parts():
 
 
 def test_a_head_split_that_does_not_divide_evenly_is_no_head_split():
-    """(…, 12) → (…, 4, 3) is a head split; (…, 12) → (…, 2, 3, 2) is a reshape that freezes."""
+    """(…, 12) → (…, 4, 3) is a head split; (…, 12) → (…, 2, 3, 2), a grid no attention reads, freezes."""
 
     class Reshapes(torch.nn.Module):
         def __init__(self):
@@ -200,7 +213,7 @@ def test_a_head_split_that_does_not_divide_evenly_is_no_head_split():
     a = plan["a"]
     assert not a.frozen and (a.blocks, a.block_size) == (4, 3) and a.exact == ("selection",)
     assert [str(u) for u in a.consumers] == ["out_a.weight[1]"]
-    assert any("reshapes" in r for r in plan["b"].frozen_by)
+    assert any("grid, and no attention says which axis holds heads" in r for r in plan["b"].frozen_by)
 
 
 def test_unknown_op_names_the_node_and_op():

@@ -172,13 +172,16 @@ def test_magnitude_scores_each_slice_and_repeat_of_a_channel():
     weight_norms = sys.modules["fxcompress.compress"]._weight_norms
     for name, group, rows in (("window_attention", "qkv", lambda c: [("qkv", c), ("qkv", 16 + c), ("qkv", 32 + c)]),
                               ("grouped_query_attention", "layers.0.q",
-                               lambda c: [("k", c), ("q", c // 8 * 16 + c % 8), ("q", c // 8 * 16 + 8 + c % 8)])):
+                               lambda c: [("k", c), ("q", c // 8 * 16 + c % 8), ("q", c // 8 * 16 + 8 + c % 8)]),
+                              ("interleaved_heads", "qkv.1", lambda c: [("qkv", c // 8 * 24 + j * 8 + c % 8) for j in range(3)])):
         cls, inputs = ORACLES[name]
         model = cls().double().eval()
         gm = capture(model, inputs())
         plan = analyze_graph(gm)
-        params = {"qkv": model.qkv} if name == "window_attention" else {n: model.layers[0][n] for n in "qk"}
-        expected = torch.stack([sum(params[p].weight[r].pow(2).sum() for p, r in rows(c)) for c in range(16)])
+        params = {"qkv": model.qkv} if name == "window_attention" else {"qkv": model.qkv[1]} \
+            if name == "interleaved_heads" else {n: model.layers[0][n] for n in "qk"}
+        expected = torch.stack([sum(sum(t[r].pow(2).sum() for t in (params[p].weight, params[p].bias) if t is not None)
+                                    for p, r in rows(c)) for c in range(16)])  # weights and biases alike
         torch.testing.assert_close(weight_norms(gm, plan[group]), expected.detach())
 
 
@@ -218,6 +221,30 @@ def test_narrowing_packed_window_attention_resizes_the_head_dim():
     views = [list(n.args[1])[2:] for n in out.graph.nodes if n.target == torch.ops.aten.reshape.default
              and len(n.args[1]) == 5]
     assert views == [[3, 2, 7]]
+    assert _rel(out(*x), model(*x)) <= 1e-9
+
+
+def test_narrowing_a_projection_packed_head_by_head_moves_every_slice():
+    """Query, key and value zero on the last dim of each head, packed [q₀ k₀ v₀ q₁ k₁ v₁]:
+    dropping it keeps the function; GPT-NeoX's (…, H, 3h) view and chunk, and BLOOM's
+    (…, H, 3, h) view, follow."""
+    cls, inputs = ORACLES["interleaved_heads"]
+    torch.manual_seed(11)
+    model = cls().double().eval()
+    dead = [head * 24 + part * 8 + 7 for head in range(2) for part in range(3)]
+    with torch.no_grad():
+        for layer in model.qkv:
+            layer.weight[dead] = 0
+            layer.bias[dead] = 0
+    x = _double(inputs())
+    gm = capture(model, x)
+    plan = analyze_graph(gm)
+    keep = Projection.select([h * 8 + i for h in range(2) for i in range(7)], 16)
+    out = rewrite(gm, plan, {name: keep for name in ("qkv.0#1", "qkv.0", "qkv.1")})
+    assert [out.get_parameter(f"qkv.{i}.weight").shape for i in range(2)] == [(42, 16)] * 2
+    views = [list(n.args[1])[2:] for n in out.graph.nodes if n.target == torch.ops.aten.view.default]
+    splits = [list(n.args[1]) for n in out.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
+    assert views[:2] == [[2, 21], [2, 3, 7]] and splits == [[7, 7, 7]]
     assert _rel(out(*x), model(*x)) <= 1e-9
 
 

@@ -209,6 +209,33 @@ class WindowAttention(nn.Module):
         return self.fc(h.mean(dim=1))
 
 
+class InterleavedHeads(nn.Module):
+    """A packed projection laid out head by head, ``[q₀ k₀ v₀ q₁ k₁ v₁ …]``: GPT-NeoX views it
+    ``(…, H, 3h)`` and chunks the last axis (first layer); BLOOM views it ``(…, H, 3, h)`` and
+    indexes the 3 (second layer)."""
+
+    def __init__(self, d=16, heads=2, layers=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, d)
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, d = h.shape
+        for i, (qkv, o) in enumerate(zip(self.qkv, self.o)):
+            if i == 0:
+                q, k, v = qkv(h).view(b, n, self.heads, 3 * d // self.heads).chunk(3, dim=-1)
+            else:
+                packed = qkv(h).view(b, n, self.heads, 3, d // self.heads)
+                q, k, v = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
+            attn = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            h = h + o(attn.transpose(1, 2).reshape(b, n, d))
+        return self.fc(h.mean(dim=1))
+
+
 class TorchEncoder(nn.Module):
     """``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention`` inside), sequence-first, as
     torch's own transformer layers and torchvision's ViT use it."""
@@ -301,6 +328,7 @@ ORACLES = {
     "tied_embeddings": (TiedLM, tokens),
     "torch_encoder": (TorchEncoder, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "window_attention": (WindowAttention, lambda batch=3: (torch.randn(batch, 5, 8),)),
+    "interleaved_heads": (InterleavedHeads, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "channel_shuffle": (ChannelShuffle, image),
     "assorted": (Assorted, lambda batch=3: (torch.randn(batch, 5, 8),)),
     "unsupported_op": (Unsupported, lambda batch=3: (torch.randn(batch, 8),)),

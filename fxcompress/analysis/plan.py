@@ -30,12 +30,14 @@ class Use:
     block_axis: int | None = None
     # grouped-query attention's query side: the axis holds each of the group's blocks this often, in turn
     repeat: int = 1
+    block: int | None = None  # the slice holds this block (head) of the group only: a projection packed head by head
 
     def __str__(self) -> str:
         where = "" if self.length is None else f"[{self.offset}:{self.offset + self.length}]"
         blocked = "" if self.block_axis is None else f" per block of [{self.block_axis}]"
         repeated = "" if self.repeat == 1 else f" (each block ×{self.repeat})"
-        return f"{self.param}[{self.axis}]{where}{blocked}{repeated}"
+        block = "" if self.block is None else f" (block {self.block})"
+        return f"{self.param}[{self.axis}]{where}{blocked}{repeated}{block}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,8 @@ class WidthGroup:
     activations: tuple[tuple[str, int], ...] = ()  # (node, axis) of every activation in the group
     # attention heads, a grouped convolution's groups: ``blocks`` equal blocks, each narrowed alike
     blocks: int = 1
-    # (node, axis) of the concatenated activations the group lies in, once per time it lies there
-    containers: tuple[tuple[str, int], ...] = ()
+    # (node, axis, width there) of the concatenated activations the group lies in, once per time it lies there
+    containers: tuple[tuple[str, int, int], ...] = ()
     splits: tuple[tuple[str, int], ...] = ()  # (split node, output index) of the split outputs in the group
 
     @property

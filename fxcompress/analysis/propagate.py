@@ -38,6 +38,10 @@ class Context:
         self.splits: dict[str, tuple[Node, int]] = {}
         self.blocks: list[tuple[DimKey, int, str]] = []  # an axis cut into equal blocks: count, by what
         self.repeats: list[tuple[DimKey, int, int]] = []  # blocks of an axis that another axis repeats
+        self.head_axes: list[tuple[DimKey, DimKey]] = []  # a feature axis split into heads, and the heads' axis
+        self.block_widths: dict[DimKey, int] = {}  # a part whose slices each hold one of its blocks: their width
+        # (whole, first, second, last axis, (sizes), view): a packed axis viewed as a grid of parts and heads
+        self.grids: list[tuple[DimKey, DimKey, DimKey, DimKey, tuple[int, int, int], str]] = []
         self.segments: list[tuple[DimKey, list[tuple[DimKey, int, str]], str]] = []  # whole, parts, cat node
         self.split_index: dict[DimKey, tuple[str, int]] = {}  # a split output's axis → (split node, index)
 
@@ -191,7 +195,7 @@ class Context:
         except a last axis split into heads (or merged from them), as attention does."""
         a_shape, b_shape = self.shape(x), self.shape(node)
         if self._split_heads(x, node, a_shape, b_shape, node) or self._split_heads(node, x, b_shape, a_shape, node) \
-                or self._split_packed_heads(x, node, a_shape, b_shape) or self._repeat_heads(x, node, a_shape, b_shape):
+                or self._split_grid(x, node, a_shape, b_shape) or self._repeat_heads(x, node, a_shape, b_shape):
             return
         tail = 0  # axes equal from the right map one to one (the feature axis of a (B·S, d) view)
         while tail < min(len(a_shape), len(b_shape)) and a_shape[-1 - tail] == b_shape[-1 - tail] != 1:
@@ -221,23 +225,21 @@ class Context:
         self.tie(self.dim(whole, -1), self.dim(split, -1))
         self.cut_into_blocks(self.dim(whole, -1), b[-2], f"{at.name} splits it into {b[-2]} heads")
         self.freeze(self.dim(split, -2), f"{at.name} splits heads: the number of heads stays")
+        self.head_axes.append((self.dim(whole, -1), self.dim(split, -2)))
         return True
 
-    def _split_packed_heads(self, x: Node, node: Node, a: tuple, b: tuple) -> bool:
-        """``(…, P·H·h) → (…, P, H, h)``: one projection packs ``P`` parts (query, key and value),
-        each split into heads, as Swin's window attention does. The parts come apart by indexing
-        the ``P`` axis, so they share the head axis: one group of ``H`` blocks, which the packed
-        producer writes in ``P`` slices."""
+    def _split_grid(self, x: Node, node: Node, a: tuple, b: tuple) -> bool:
+        """``(…, A·B·h) → (…, A, B, h)``: a packed projection (query, key and value) viewed as a
+        grid of parts and heads at once: ``(3, H, h)`` in Swin, ``(H, 3, h)`` head by head in
+        BLOOM. Which axis holds the heads, the attention downstream says (see :func:`_resolve_grids`)."""
         if not (len(b) == len(a) + 2 >= 4 and a[:-1] == b[:-3] and all(isinstance(v, int) for v in (a[-1], *b[-3:]))
                 and min(b[-3:]) > 1 and a[-1] == b[-3] * b[-2] * b[-1]):
             return False
         for axis in range(len(a) - 1):
             self.tie(self.dim(x, axis), self.dim(node, axis))
-        part = self.dim(node, -1)
-        self.segments.append((self.dim(x, -1), [(part, b[-2] * b[-1], node.name)] * b[-3], node.name))
-        self.cut_into_blocks(part, b[-2], f"{node.name} splits it into {b[-2]} heads")
-        self.freeze(self.dim(node, -3), f"{node.name} splits {b[-3]} packed parts: their number stays")
-        self.freeze(self.dim(node, -2), f"{node.name} splits heads: the number of heads stays")
+        self.grids.append((self.dim(x, -1), self.dim(node, -3), self.dim(node, -2), self.dim(node, -1), b[-3:], node.name))
+        for axis in (-3, -2):
+            self.freeze(self.dim(node, axis), f"{node.name} views packed parts and heads: their numbers stay")
         return True
 
     def _repeat_heads(self, x: Node, node: Node, a: tuple, b: tuple) -> bool:
@@ -389,6 +391,7 @@ def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
 
 def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     _freeze_unrecorded_parameters(ctx)
+    _resolve_grids(ctx)
     members: dict[DimKey, list[DimKey]] = defaultdict(list)
     for key in list(ctx.parent):
         members[ctx.find(key)].append(key)
@@ -421,44 +424,75 @@ def _freeze_unrecorded_parameters(ctx: Context) -> None:
                             "no width rule records")
 
 
-def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> dict[DimKey, list[tuple[str, int]]]:
+def _resolve_grids(ctx: Context) -> None:
+    """Each packed axis viewed as a grid (:meth:`Context._split_grid`) is a concatenation: of
+    the parts, each all heads (the heads' axis second), or of the heads, each all parts (first)."""
+    heads: dict[DimKey, set[DimKey]] = defaultdict(set)
+    for key, axis in ctx.head_axes:
+        heads[ctx.find(key)].add(ctx.find(axis))
+    for whole, first, second, part, (rows, columns, size), node in ctx.grids:
+        found = heads[ctx.find(part)]
+        if ctx.find(second) in found:  # (parts, heads, h)
+            ctx.segments.append((whole, [(part, columns * size, node)] * rows, node))
+        elif ctx.find(first) in found:  # (heads, parts, h): the parts alternate head by head
+            ctx.segments.append((whole, [(part, size, node)] * columns, node))
+            ctx.cut_into_blocks(whole, rows, f"{node} splits it into {rows} heads")
+        else:
+            reason = f"{node} views it as a ({rows}, {columns}, {size}) grid, and no attention says which axis holds heads"
+            ctx.freeze(whole, reason)
+            ctx.freeze(part, reason)
+
+
+def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> dict[DimKey, list[tuple[str, int, int]]]:
     """Hand the parameters, effects and freezes of each concatenated (or split) axis to its
     parts, as slices.
 
     Such an axis is no group of its own: each part is narrowed by itself, and the consumers of
     a concatenation (the producers of a split) take it in the slice where it lies; nested
-    concatenations are flattened. Returns, per part, the activations of the wholes it lies in.
+    concatenations are flattened. A whole cut into heads whose parts are cut head by head
+    (a projection packed ``[q₀ k₀ v₀ q₁ k₁ v₁ …]``) gives each part one slice per head, each
+    holding that block of the part's group. Returns, per part, the activations of the wholes
+    it lies in, with its width there, once per time it lies there.
     """
     cuts: dict[DimKey, tuple[list[tuple[DimKey, int, str]], str]] = {}
-    cut = {ctx.find(key): why for key, _, why in ctx.blocks}
+    cut = {ctx.find(key): (count, why) for key, count, why in ctx.blocks}
     for whole, parts, node in ctx.segments:
         root = ctx.find(whole)
-        if root in cut:
-            ctx.freeze(root, f"{node}'s output is cut into blocks ({cut[root]})")
         if root in cuts and [size for _, size, _ in cuts[root][0]] != [size for _, size, _ in parts]:
             ctx.freeze(root, f"{node} and {cuts[root][1]} concatenate one axis in different ways")
         cuts.setdefault(root, (parts, node))
     uses_of: dict[DimKey, list[Use]] = defaultdict(list)
     for key, use, _ in ctx.uses:
         uses_of[ctx.find(key)].append(use)
-    containers: dict[DimKey, list[tuple[str, int]]] = defaultdict(list)
+    containers: dict[DimKey, list[tuple[str, int, int]]] = defaultdict(list)
     for root, (_, node) in cuts.items():
         leaves = _leaves(ctx, root, cuts, ())
         if leaves is None:
             ctx.freeze(root, f"{node} concatenates an axis with itself")
             leaves = []
         keys = members[root] or [root]  # an axis that no op tied to another is its own only member
+        activations = [k for k in keys if not k[0].startswith("param:")]
+        width = sum(length for _, _, length, _ in leaves)
+        blocks, why = cut.get(root, (1, None))
+        if blocks > 1 and width * blocks != max((_key_size(ctx, k) for k in keys), default=-1):
+            ctx.freeze(root, f"{node}'s output is cut into blocks ({why})")
+        elif blocks > 1:  # each part is as many blocks as the whole, one in each of its slices
+            for part, _, length, _ in leaves:
+                ctx.cut_into_blocks(part, blocks, f"{node} takes it from each of {blocks} heads ({why})")
+                ctx.block_widths[part] = length
         frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
         effects = [e for k in keys for e in ctx.effects.get(k, [])]
-        activations = [k for k in keys if not k[0].startswith("param:")]
         for part, offset, length, tensor in leaves:
             # probed at the part itself: where it enters a concatenation, or leaves a split
-            for use in uses_of[root]:
-                sliced = dataclasses.replace(use, offset=use.offset + offset, length=length)
-                ctx.uses.append((part, sliced, tensor if use.role != "channel" else None))
+            for block in range(blocks):
+                for use in uses_of[root]:
+                    sliced = dataclasses.replace(use, offset=use.offset + block * width + offset, length=length,
+                                                 block=block if blocks > 1 else None)
+                    ctx.uses.append((part, sliced, tensor if use.role != "channel" else None))
             ctx.effects[part].extend(effects)
             ctx.frozen[part].extend(f"lies in {node}'s output, which is frozen: {r}" for r in dict.fromkeys(frozen))
-            containers[part].extend(activations)
+            containers[part].extend((name, axis, length) for name, axis in activations
+                                    for _ in range(max(_key_size(ctx, (name, axis)) // width, 1) if blocks > 1 else 1))
     return containers
 
 
@@ -484,7 +518,7 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     frozen = tuple(dict.fromkeys(r for k in keys for r in ctx.frozen.get(k, [])))
     size, count, mixed = _sizes(ctx, keys, blocks, repeats)
     uses = [(_with_repeat(ctx, u, size), a) for u, a in uses]
-    odd = [str(u) for u, _ in uses if u.repeat < 1 or u.length not in (None, size)]
+    odd = [str(u) for u, _ in uses if u.repeat < 1 or u.length not in (None, size if u.block is None else size // count)]
     if odd and not mixed:  # a slice (of a concatenation, a packed projection) is as wide as the group
         mixed = f"{', '.join(odd)} fit neither its width {size} nor its blocks"
     if mixed:
@@ -517,7 +551,9 @@ def _sizes(ctx: Context, keys: list[DimKey], blocks: dict[int, str],
     unexplained = [blocks[c] for c in counts[1:] if (counts[0], c) not in repeats]
     if unexplained:
         return max(sizes, default=-1), 1, f"it is cut into blocks in different ways: {'; '.join(blocks.values())}"
-    block = min(sizes, default=-1) if len(sizes) > 1 else max(sizes, default=-1) // counts[0]
+    widths = {ctx.block_widths[k] for k in keys if k in ctx.block_widths}
+    block = widths.pop() if len(widths) == 1 else min(sizes, default=-1) if len(sizes) > 1 else \
+        max(sizes, default=-1) // counts[0]
     if block > 0 and sizes <= {block, *(block * c for c in counts)}:
         return block * counts[0], counts[0], None
     return max(sizes, default=-1), 1, f"its axes have sizes {sorted(sizes)} that no cut into equal blocks explains"
