@@ -276,6 +276,26 @@ def test_narrowing_a_grouped_convolution_block_by_block_is_exact_on_dead_and_con
         rewrite(gm, plan, {"reduce": Projection.select(range(12), 16)})  # groups 0-2 whole, group 3 gone
 
 
+def test_groups_keep_their_names_as_their_blocks_narrow_to_one_channel():
+    """Narrowing a convolution's groups to one input channel each (a depthwise channel
+    multiplier) leaves a group with nothing to narrow, under its name: the RMT-KD loop targets
+    groups by name from round to round."""
+    cls, inputs = ORACLES["grouped_conv"]
+    torch.manual_seed(12)
+    model = cls().eval()
+    batches = [inputs(8) for _ in range(2)]
+    names = [g.name for g in fxcompress.analyze(model, batches[0]).groups]
+    config = CompressConfig(rule="fixed", ratio=0.5, round_to=1)
+    module = model
+    for _ in range(2):  # 4 groups of 4 → of 2 → of 1
+        module = fxcompress.compress(module, batches, dataclasses.replace(config, targets="reduce")).module
+    plan = fxcompress.analyze(module, batches[0])
+    assert [g.name for g in plan.groups] == names and (plan["reduce"].size, plan["reduce"].blocks) == (4, 4)
+    report = {r.name: r for r in fxcompress.compress(module, batches, config).report}
+    assert report["reduce"].frozen_by == ("one channel per block: nothing to narrow",)
+    assert report["grouped"].k < report["grouped"].d  # the multiplier's outputs, 3 per group, still narrow
+
+
 def test_a_head_group_takes_only_block_diagonal_projections():
     _, _, gm, plan = _attention_model()
     with pytest.raises(RewriteError, match="4 blocks of 8: its projection must be block-diagonal"):

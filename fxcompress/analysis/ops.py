@@ -155,14 +155,8 @@ def conv(ctx, node: Node) -> None:
         if isinstance(bias, Node):
             ctx.record(ctx.dim(node, 1), bias, 0, "producer", node, None)
         ctx.effect(ctx.dim(node, 1), "channelwise", node)
-    elif groups in (channels_in, channels_out):  # a channel multiplier: blocks of one channel cannot narrow
-        reason = f"grouped convolution {node.name} (groups={groups}) has one channel per group on one side"
-        ctx.freeze(ctx.dim(x, 1), reason)
-        ctx.freeze(ctx.dim(node, 1), reason)
-        for p in (weight, bias):
-            if isinstance(p, Node):
-                ctx.freeze_all(p, reason)
     else:  # output group g reads input group g: both sides are ``groups`` blocks that narrow alike
+        # (a side of one channel per group, a depthwise channel multiplier's input, has nothing to narrow)
         ctx.consume(x, 1, weight, 1, node, block_axis=0)  # the weight's axis 1 indexes within a group
         ctx.produce(node, 1, weight, 0, bias)
         why = f"{node.name} convolves them in {groups} groups"
