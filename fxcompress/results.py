@@ -63,8 +63,10 @@ def to_markdown(results: dict[str, Any]) -> str:
             energy = s["energy"]
             joules = energy.get("joules_per_inference")
             flops, flop_ratio = model["flops_per_sample"], ratio["flops"]
+            accuracy = (model.get("accuracy") or {}).get("value")
             lines.append(
                 f"| {model['name']} | {batch} | {model['parameters']:,} | {model['size_bytes'] / 1e6:.2f} | "
+                f"{'—' if accuracy is None else format(accuracy, '.4f')} | "
                 f"{'—' if flops is None else format(flops / 1e9, '.3g')} | {_med(s['latency_ms']['p50'])} | "
                 f"{_med(s['latency_ms']['p99'])} | {_med(s['throughput_per_s'], '.1f')} | {_med(lat, '.3f')} | "
                 f"{'—' if flop_ratio is None else format(flop_ratio, '.3f')} | "

@@ -57,7 +57,9 @@ def test_compare_writes_every_field(pair, tmp_path):
     assert compressed["batches"]["1"]["ratio_to_first"]["flops"] < 1
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 4 and "latency_ms.p99.median" in rows[0] and "ratio_to_first.flops" in rows[0]
-    assert "| compressed | 4 |" in (out / "results.md").read_text()
+    table = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert "| compressed | 4 |" in table[-1] and "| — |" in table[-1]  # no accuracy measured: a dash in its column
+    assert {line.count("|") for line in table} == {table[0].count("|")}  # every row has every column
     assert (out / "latency.png").stat().st_size > 0
 
 
@@ -117,6 +119,7 @@ def test_accuracy_on_cifar10_is_measured_and_plotted(data_root, tmp_path):
     results = json.loads((out / "results.json").read_text())
     for model in results["models"]:
         assert model["accuracy"]["samples"] == 1000 and 0 <= model["accuracy"]["value"] <= 1
+        assert f"| {model['accuracy']['value']:.4f} |" in (out / "results.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
 
 
