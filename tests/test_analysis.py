@@ -330,3 +330,28 @@ def test_masks_built_from_activations_act_per_channel():
     plan = analyze_graph(gm)
     assert plan["a"].exact == ("selection",) and not plan["a"].frozen
     assert torch.allclose(rewrite(gm, plan, exact_transforms(plan))(x), model(x), atol=1e-12)
+
+
+def test_an_attention_bias_lies_on_the_attention_heads():
+    """A learned bias per head passed to SDPA as its mask (T5's relative positions) has the
+    attention's head axis: the number of heads stays, so the bias's width is frozen."""
+
+    class HeadBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.bias, self.o = torch.nn.Linear(8, 24), torch.nn.Embedding(10, 2), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = (t.view(b, n, 2, 4).transpose(1, 2) for t in self.qkv(x).split(8, dim=-1))
+            position = torch.arange(n)
+            bias = self.bias((position[:, None] - position[None, :]).abs().clamp(max=9)).permute(2, 0, 1)[None]
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return self.o(attn.transpose(1, 2).reshape(b, n, 8))
+
+    model = HeadBias().double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    gm = capture(model, (x,))
+    plan = analyze_graph(gm)
+    assert any("splits heads: the number of heads stays" in r for r in plan["bias"].frozen_by)
+    assert torch.allclose(rewrite(gm, plan, exact_transforms(plan))(x), model(x), atol=1e-12)

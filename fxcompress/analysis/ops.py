@@ -213,11 +213,24 @@ def sdpa(ctx, node: Node) -> None:
     ctx.effect(ctx.dim(q, -1), "attention", node)
     ctx.tie(ctx.dim(v, -1), ctx.dim(node, -1))
     ctx.effect(ctx.dim(node, -1), "linear", node)
+    _scores_mask(ctx, node, q, k, arg(node, "attn_mask"))
     if arg(node, "enable_gqa", False) and ctx.ndim(q) >= 3:  # query head i reads key/value head i // (H/G)
         query_heads, kv_heads = ctx.size(q, -3), ctx.size(k, -3)
         if isinstance(kv_heads, int) and query_heads != kv_heads:
             ctx.repeat_blocks(ctx.dim(q, -1), kv_heads, query_heads)
             ctx.repeat_blocks(ctx.dim(v, -1), kv_heads, query_heads)
+
+
+def _scores_mask(ctx, node: Node, q: Node, k: Node, mask: object) -> None:
+    """A mask (or bias) added to the scores ``(…, L, S)`` broadcasts against them: its head
+    axis is the attention's (T5's relative position bias), its last two the query and key tokens."""
+    if not isinstance(mask, Node) or ctx.shape(mask) is None:
+        return
+    scores = [ctx.dim(q, axis) for axis in range(ctx.ndim(q) - 1)] + [ctx.dim(k, -2)]
+    sizes = [ctx.size(q, axis) for axis in range(ctx.ndim(q) - 1)] + [ctx.size(k, -2)]
+    for back, size in enumerate(reversed(ctx.shape(mask)), start=1):
+        if back <= len(scores) and size == sizes[-back] and size != 1:
+            ctx.tie(ctx.dim(mask, -back), scores[-back])
 
 
 @op_rule(*_overloads("matmul", "bmm"))
