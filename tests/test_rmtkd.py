@@ -130,8 +130,9 @@ def test_torchrun_two_processes_pick_the_same_widths(tmp_path):
     runs = {}
     for n in (1, 2):
         out = tmp_path / f"n{n}.json"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        str(script), str(out)], check=True, env=env, timeout=300, capture_output=True)
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                              str(script), str(out)], env=env, timeout=300, capture_output=True, text=True)
+        assert run.returncode == 0, f"torchrun with {n} processes exited {run.returncode}:\n{run.stderr[-3000:]}"
         runs[n] = json.loads(out.read_text())
     assert runs[2]["widths"] == runs[1]["widths"] and runs[2]["widths"]
     assert runs[2]["ranks_agree"] and runs[2]["stop"] == runs[1]["stop"]
