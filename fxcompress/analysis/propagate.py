@@ -474,13 +474,14 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
         activations = [k for k in keys if not k[0].startswith("param:")]
         width = sum(length for _, _, length, _ in leaves)
         blocks, why = cut.get(root, (1, None))
+        frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
         if blocks > 1 and width * blocks != max((_key_size(ctx, k) for k in keys), default=-1):
-            ctx.freeze(root, f"{node}'s output is cut into blocks ({why})")
+            frozen = frozen or [f"{node}'s output is cut into blocks ({why}) that its parts do not tile"]
+            blocks = 1
         elif blocks > 1:  # each part is as many blocks as the whole, one in each of its slices
             for part, _, length, _ in leaves:
                 ctx.cut_into_blocks(part, blocks, f"{node} takes it from each of {blocks} heads ({why})")
                 ctx.block_widths[part] = length
-        frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
         effects = [e for k in keys for e in ctx.effects.get(k, [])]
         for part, offset, length, tensor in leaves:
             # probed at the part itself: where it enters a concatenation, or leaves a split
