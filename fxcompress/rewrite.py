@@ -227,14 +227,18 @@ def _as_seen(p: torch.Tensor, mean: torch.Tensor | None, group: WidthGroup, use:
     block (a projection packed head by head), every block ``repeat`` times in turn where it
     repeats them (grouped-query attention's query side), else as they are."""
     blocks = group.blocks
-    k, d = (size // blocks for size in p.shape)
     if use.block is not None:
-        g = use.block
-        return p[g * k:(g + 1) * k, g * d:(g + 1) * d], None if mean is None else mean[g * d:(g + 1) * d]
+        return _tile(p, blocks, use.block), None if mean is None else mean.chunk(blocks)[use.block]
     if use.repeat == 1:
         return p, mean
-    tiles = [p[g * k:(g + 1) * k, g * d:(g + 1) * d] for g in range(blocks) for _ in range(use.repeat)]
-    return torch.block_diag(*tiles), None if mean is None else mean.reshape(blocks, d).repeat_interleave(use.repeat, 0).reshape(-1)
+    tiles = [_tile(p, blocks, g) for g in range(blocks) for _ in range(use.repeat)]
+    return torch.block_diag(*tiles), None if mean is None else mean.reshape(blocks, -1).repeat_interleave(use.repeat, 0).reshape(-1)
+
+
+def _tile(p: torch.Tensor, blocks: int, g: int) -> torch.Tensor:
+    """The ``g``-th of ``blocks`` diagonal blocks of a block-diagonal ``P``."""
+    k, d = (size // blocks for size in p.shape)
+    return p[g * k:(g + 1) * k, g * d:(g + 1) * d]
 
 
 def _bias_of(node: Node) -> object:
@@ -286,10 +290,8 @@ def _along(t: torch.Tensor, p: torch.Tensor, axis: int, start: int = 0, length: 
 def _along_blocks(t: torch.Tensor, p: torch.Tensor, axis: int, block_axis: int, blocks: int) -> torch.Tensor:
     """A grouped convolution's input axis: the ``g``-th block of ``block_axis`` (its output
     channels) reads the group's block ``g``, so it is contracted with ``P``'s ``g``-th diagonal block."""
-    k, d = (size // blocks for size in p.shape)
     parts = t.split(t.shape[block_axis] // blocks, dim=block_axis)
-    return torch.cat([_along(part, p[g * k:(g + 1) * k, g * d:(g + 1) * d], axis) for g, part in enumerate(parts)],
-                     dim=block_axis)
+    return torch.cat([_along(part, _tile(p, blocks, g), axis) for g, part in enumerate(parts)], dim=block_axis)
 
 
 def _selection_index(p: torch.Tensor) -> torch.Tensor | None:

@@ -98,20 +98,26 @@ def test_narrowing_query_and_key_heads_keeps_the_attention_scale():
     assert gm.get_parameter("layers.0.q.weight").shape == (20, 32) and _rel(gm(*x), model(*x)) <= 1e-9
 
 
+def _with_dead_rows(name, seed, dead):
+    """The oracle ``name`` in float64 with the rows ``dead[param]`` of each parameter set to zero,
+    captured and analysed: ``(model, inputs, capture, plan)``."""
+    cls, inputs = ORACLES[name]
+    torch.manual_seed(seed)
+    model = cls().double().eval()
+    with torch.no_grad():
+        for param, rows in dead.items():
+            model.get_parameter(param)[rows] = 0
+    x = _double(inputs())
+    gm = capture(model, x)
+    return model, x, gm, analyze_graph(gm)
+
+
 def test_narrowing_the_parts_of_nested_concatenations_is_exact_on_dead_channels():
     """Channels the stem and conv1 never use (zero weights; BatchNorm at its defaults keeps
     zero at zero) can go: every later layer reads the concatenations in slices that move as
     the parts before them narrow."""
-    cls, inputs = ORACLES["dense_block"]
-    torch.manual_seed(5)
-    model = cls().double().eval()
-    with torch.no_grad():
-        for conv, dead in ((model.stem, [1, 6]), (model.conv1, [2])):
-            conv.weight[dead] = 0
-            conv.bias[dead] = 0
-    x = _double(inputs())
-    gm = capture(model, x)
-    plan = analyze_graph(gm)
+    model, x, gm, plan = _with_dead_rows("dense_block", 5, {f"{conv}.{w}": rows for conv, rows in
+                                                            (("stem", [1, 6]), ("conv1", [2])) for w in ("weight", "bias")})
     keep = {"conv1": [0, 1, 3], "stem": [0, 2, 3, 4, 5, 7]}  # the later part first: offsets must still line up
     out = rewrite(gm, plan, {name: Projection.select(k, plan[name].size) for name, k in keep.items()})
     assert out.get_parameter("transition.weight").shape == (6, 13, 1, 1)
@@ -126,16 +132,8 @@ def test_narrowing_the_parts_of_a_packed_projection_resizes_the_split():
     """Query, key and value all zero on the last dim of each head: dropping it from every part
     keeps the function, with the split resized and the value's slice moved up by the four rows
     the query and key lost."""
-    cls, inputs = ORACLES["packed_attention"]
-    torch.manual_seed(6)
-    model = cls().double().eval()
     dead = [part * 16 + head * 8 + 7 for part in range(3) for head in range(2)]
-    with torch.no_grad():
-        model.qkv.weight[dead] = 0
-        model.qkv.bias[dead] = 0
-    x = inputs()
-    gm = capture(model, x)
-    plan = analyze_graph(gm)
+    model, x, gm, plan = _with_dead_rows("packed_attention", 6, {"qkv.weight": dead, "qkv.bias": dead})
     keep = [head * 8 + i for head in range(2) for i in range(7)]
     out = rewrite(gm, plan, {name: Projection.select(keep, 16) for name in ("qkv#1", "qkv")})  # query+key first
     assert out.get_parameter("qkv.weight").shape == (42, 16) and out.get_parameter("o.weight").shape == (16, 14)
@@ -149,15 +147,8 @@ def test_narrowing_grouped_query_heads_narrows_every_query_head_of_a_key_value_h
     """Key and value are zero on the last dim of each of their 2 heads: dropping it from them,
     and from the 4 query heads and the output projection's 4 head slices that repeat them,
     keeps the function (with SDPA's 1/√8 scale kept)."""
-    cls, inputs = ORACLES["grouped_query_attention"]
-    torch.manual_seed(9)
-    model = cls().double().eval()
-    with torch.no_grad():
-        for name in "kv":
-            model.layers[layer][name].weight[[7, 15]] = 0
-    x = inputs()
-    gm = capture(model, x)
-    plan = analyze_graph(gm)
+    model, x, gm, plan = _with_dead_rows("grouped_query_attention", 9,
+                                         {f"layers.{layer}.{name}.weight": [7, 15] for name in "kv"})
     keep = Projection.select([h * 8 + i for h in range(2) for i in range(7)], 16)
     out = rewrite(gm, plan, {f"layers.{layer}.q": keep, f"layers.{layer}.v": keep})
     assert out.get_parameter(f"layers.{layer}.q.weight").shape == (28, 32)
@@ -206,15 +197,8 @@ def test_narrowing_packed_window_attention_resizes_the_head_dim():
     """Query, key and value all zero on the last dim of each head: dropping it keeps the
     function; the packed projection loses a row per head in each of its three slices, and
     the (3, heads, head dim) view follows."""
-    cls, inputs = ORACLES["window_attention"]
-    torch.manual_seed(8)
-    model = cls().double().eval()
     dead = [part * 16 + head * 8 + 7 for part in range(3) for head in range(2)]
-    with torch.no_grad():
-        model.qkv.weight[dead] = 0
-    x = _double(inputs())
-    gm = capture(model, x)
-    plan = analyze_graph(gm)
+    model, x, gm, plan = _with_dead_rows("window_attention", 8, {"qkv.weight": dead})
     assert (plan["qkv"].blocks, plan["qkv"].block_size) == (2, 8)
     out = rewrite(gm, plan, {"qkv": Projection.select([h * 8 + i for h in range(2) for i in range(7)], 16)})
     assert out.get_parameter("qkv.weight").shape == (42, 16) and out.get_parameter("proj.weight").shape == (16, 14)
@@ -228,17 +212,9 @@ def test_narrowing_a_projection_packed_head_by_head_moves_every_slice():
     """Query, key and value zero on the last dim of each head, packed [q₀ k₀ v₀ q₁ k₁ v₁]:
     dropping it keeps the function; GPT-NeoX's (…, H, 3h) view and chunk, and BLOOM's
     (…, H, 3, h) view, follow."""
-    cls, inputs = ORACLES["interleaved_heads"]
-    torch.manual_seed(11)
-    model = cls().double().eval()
     dead = [head * 24 + part * 8 + 7 for head in range(2) for part in range(3)]
-    with torch.no_grad():
-        for layer in model.qkv:
-            layer.weight[dead] = 0
-            layer.bias[dead] = 0
-    x = _double(inputs())
-    gm = capture(model, x)
-    plan = analyze_graph(gm)
+    model, x, gm, plan = _with_dead_rows("interleaved_heads", 11,
+                                         {f"qkv.{i}.{w}": dead for i in range(2) for w in ("weight", "bias")})
     keep = Projection.select([h * 8 + i for h in range(2) for i in range(7)], 16)
     out = rewrite(gm, plan, {name: keep for name in ("qkv.0#1", "qkv.0", "qkv.1")})
     assert [out.get_parameter(f"qkv.{i}.weight").shape for i in range(2)] == [(42, 16)] * 2
@@ -252,17 +228,9 @@ def test_narrowing_a_grouped_convolution_block_by_block_is_exact_on_dead_and_con
     """One dead channel in each of the 4 groups of ``reduce`` (and of ``grouped``'s outputs)
     can go, block by block; ``pair_a``'s outputs 4, 5, 10 and 11 are constant, so dropping
     them with their mean folded into ``pair_b``'s bias (group by group) loses nothing."""
-    cls, inputs = ORACLES["grouped_conv"]
-    torch.manual_seed(7)
-    model = cls().double().eval()
-    with torch.no_grad():
-        model.reduce.weight[[1, 6, 9, 14]] = 0  # BatchNorm at its defaults and ReLU keep zero at zero
-        model.grouped.weight[[0, 5, 7, 11]] = 0
-        model.pair_a.weight[[4, 5, 10, 11]] = 0
-    x = _double(inputs())
-    gm = capture(model, x)
-    plan = analyze_graph(gm)
     dead = {"reduce": [1, 6, 9, 14], "grouped": [0, 5, 7, 11], "pair_a": [4, 5, 10, 11]}
+    # BatchNorm at its defaults and ReLU keep zero at zero
+    model, x, gm, plan = _with_dead_rows("grouped_conv", 7, {f"{name}.weight": rows for name, rows in dead.items()})
     projections = {name: Projection.select([i for i in range(plan[name].size) if i not in off], plan[name].size)
                    for name, off in dead.items()}
     projections["pair_a"] = dataclasses.replace(projections["pair_a"], mean=model.pair_a.bias.detach().clone())

@@ -254,15 +254,13 @@ class Context:
             if a[:i] == b[:i] and a[i + 2:] == b[i + 1:] and source[i + 1] == 1 and isinstance(g, int) \
                     and isinstance(r, int) and r > 1 and g * r == b[i]:
                 reason = f"{node.name} repeats each of {g} entries {r} times (grouped-query heads): their number stays"
-                for axis in range(len(b)):
-                    if axis == i:
-                        self.freeze(self.dim(x, i), reason)
-                        self.freeze(self.dim(x, i + 1), reason)
-                        self.freeze(self.dim(node, i), reason)
-                    else:
-                        self.tie(self.dim(x, axis + (axis > i)), self.dim(node, axis))
-                        if axis > i:
-                            self.repeat_blocks(self.dim(node, axis), g, g * r)
+                for key in (self.dim(x, i), self.dim(x, i + 1), self.dim(node, i)):
+                    self.freeze(key, reason)
+                for axis in range(i):
+                    self.tie(self.dim(x, axis), self.dim(node, axis))
+                for axis in range(i + 1, len(b)):
+                    self.tie(self.dim(x, axis + 1), self.dim(node, axis))
+                    self.repeat_blocks(self.dim(node, axis), g, g * r)
                 return True
         return False
 
@@ -492,8 +490,8 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
                     ctx.uses.append((part, sliced, tensor if use.role != "channel" else None))
             ctx.effects[part].extend(effects)
             ctx.frozen[part].extend(f"lies in {node}'s output, which is frozen: {r}" for r in dict.fromkeys(frozen))
-            containers[part].extend((name, axis, length) for name, axis in activations
-                                    for _ in range(max(_key_size(ctx, (name, axis)) // width, 1) if blocks > 1 else 1))
+            containers[part].extend((name, axis, length) for name, axis in activations  # once per block it lies in
+                                    for _ in range(max(_key_size(ctx, (name, axis)) // width, 1)))
     return containers
 
 
@@ -517,7 +515,8 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     effects = sorted({e for k in keys for e, _ in ctx.effects.get(k, [])})
     passthrough = tuple(sorted({n for k in keys for _, n in ctx.effects.get(k, [])}, key=lambda n: order.get(n, 0)))
     frozen = tuple(dict.fromkeys(r for k in keys for r in ctx.frozen.get(k, [])))
-    size, count, mixed = _sizes(ctx, keys, blocks, repeats)
+    key_sizes = {k: _key_size(ctx, k) for k in keys}
+    size, count, mixed = _sizes(ctx, key_sizes, blocks, repeats)
     uses = [(_with_repeat(ctx, u, size), a) for u, a in uses]
     odd = [str(u) for u, _ in uses if u.repeat < 1 or u.length not in (None, size if u.block is None else size // count)]
     if odd and not mixed:  # a slice (of a concatenation, a packed projection) is as wide as the group
@@ -527,7 +526,7 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
     # the activation entering the first consumer; without consumers (attention's query and key),
     # the first producer's output; at the group's own width (not a repeated view of it)
-    width = {name: _key_size(ctx, (name, axis)) for name, axis in keys if not name.startswith("param:")}
+    width = {name: s for (name, _), s in key_sizes.items() if not name.startswith("param:")}
     probes = [[a for u, a in uses if u.role == role and a is not None and width.get(a) == size]
               for role in ("consumer", "producer")]
     probe = min(probes[0] or probes[1], key=order.__getitem__) if any(probes) else None
@@ -538,7 +537,7 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
                              tuple(containers), tuple(ctx.split_index[k] for k in keys if k in ctx.split_index))
 
 
-def _sizes(ctx: Context, keys: list[DimKey], blocks: dict[int, str],
+def _sizes(ctx: Context, key_sizes: dict[DimKey, int], blocks: dict[int, str],
            repeats: set[tuple[int, int]]) -> tuple[int, int, str | None]:
     """The group's width, its number of blocks, and why it is frozen if its sizes disagree.
 
@@ -546,15 +545,19 @@ def _sizes(ctx: Context, keys: list[DimKey], blocks: dict[int, str],
     said so (grouped-query attention: ``H`` query heads read ``G`` key/value heads, ``H/G``
     each): the group is then the ``G`` blocks.
     """
-    sizes = {s for s in (_key_size(ctx, k) for k in keys) if s > 0}
+    sizes = {s for s in key_sizes.values() if s > 0}
     # a single key/value head (multi-query attention) is no cut, but its query heads repeat it
     counts = sorted(set(blocks) | {base for base, count in repeats if count in blocks}) or [1]
     unexplained = [blocks[c] for c in counts[1:] if (counts[0], c) not in repeats]
     if unexplained:
         return max(sizes, default=-1), 1, f"it is cut into blocks in different ways: {'; '.join(blocks.values())}"
-    widths = {ctx.block_widths[k] for k in keys if k in ctx.block_widths}
-    block = widths.pop() if len(widths) == 1 else min(sizes, default=-1) if len(sizes) > 1 else \
-        max(sizes, default=-1) // counts[0]
+    widths = {ctx.block_widths[k] for k in key_sizes if k in ctx.block_widths}
+    if len(widths) == 1:  # parts taken head by head: their width is one block
+        block = widths.pop()
+    elif len(sizes) > 1:  # the narrowest axis is one block (a head's dim, a convolution group's channels)
+        block = min(sizes)
+    else:
+        block = max(sizes, default=-1) // counts[0]
     if block > 0 and sizes <= {block, *(block * c for c in counts)}:
         return block * counts[0], counts[0], None
     return max(sizes, default=-1), 1, f"its axes have sizes {sorted(sizes)} that no cut into equal blocks explains"
