@@ -79,24 +79,47 @@ class BenchConfig:
 
 # -- what a model is ------------------------------------------------------------------------
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """The ONNX graph of ``path`` (without external weights), or a clear error."""
+    """The ONNX graph of ``path`` (without external weights), or a clear error. The external
+    data files it names must lie beside it, inside its folder."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such model file: {path}")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 — protobuf raises several types
         raise DataError(f"{path} is not an ONNX model ({type(exc).__name__}): pass .onnx files "
                         "(fxcompress.export_onnx writes them)") from None
+    for name in external_files(model):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise DataError(f"{path} names external data {name!r} outside its own folder: refusing to read it")
+        if not (path.parent / name).is_file():
+            raise DataError(f"{path} keeps its weights in {path.parent / name}, which is missing: "
+                            "copy the data file beside the model")
+    return model
 
 
-def to_onnx(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
+def external_files(model: onnx.ModelProto) -> set[str]:
+    """The external data files (relative locations) that ``model``'s initializers name."""
+    return {entry.value for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+            for entry in init.external_data if entry.key == "location"}
+
+
+#: Why a ``.pt2`` program is not read unless the user vouches for it.
+PT2_RISK = ("torch.export.load reads a .pt2 file with pickle and evaluates expressions written in it, "
+            "so a crafted file runs code")
+
+
+def to_onnx(path: str | os.PathLike, folder: str | os.PathLike, *, trust_pt2: bool = False,
+            name: str | None = None) -> Path:
     """``path`` itself if it is ONNX; a PyTorch program saved with ``torch.export.save``
-    (``.pt2``: its graph, weights and example inputs, no pickle) is exported to
-    ``folder/<name>.onnx`` first with :func:`fxcompress.export_onnx` (validated)."""
+    (``.pt2``) is exported to ``folder/<name>.onnx`` first with :func:`fxcompress.export_onnx`
+    (validated), but only with ``trust_pt2=True``: :data:`PT2_RISK`."""
     path = Path(path)
     if path.suffix != ".pt2":
         return path
+    if not trust_pt2:
+        raise DataError(f"{path}: {PT2_RISK}. Pass --trust-pt2 (trust_pt2=True) only for a file you made "
+                        "yourself, or export the model to ONNX with fxcompress.export_onnx")
     if not path.is_file():
         raise DataError(f"no such model file: {path}")
     import torch
@@ -111,7 +134,7 @@ def to_onnx(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
     if program.example_inputs is None:
         raise DataError(f"{path} holds no example inputs: export it with example inputs and save it again")
     args, kwargs = program.example_inputs
-    target = Path(folder) / f"{path.stem}.onnx"
+    target = Path(folder) / f"{name or path.stem}.onnx"
     export_onnx(capture(program), kwargs if kwargs else args, target)
     return target
 
@@ -144,9 +167,10 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_same_inputs(models: list[dict[str, Any]]) -> None:
-    """Every model must take the same inputs (names, element types, ranks)."""
+    """Every model must take the same inputs (names, element types, fixed dims; symbolic
+    dims, as ``?``, may carry other names)."""
     def key(m):
-        return [(s["name"], s["type"], len(s["dims"])) for s in m["signature"]]
+        return [(s["name"], s["type"], [d if isinstance(d, int) else "?" for d in s["dims"]]) for s in m["signature"]]
     first = key(models[0])
     for m in models[1:]:
         if key(m) != first:
@@ -174,9 +198,7 @@ def make_inputs(sig: list[dict[str, Any]], batch: int, sequence: int, seed: int)
 def size_on_disk(path: str | os.PathLike) -> int:
     """Bytes of an ``.onnx`` file plus the external data files it references."""
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    files = {entry.value for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
-             for entry in init.external_data if entry.key == "location"}
+    files = external_files(onnx.load(str(path), load_external_data=False))
     return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
 
 
@@ -360,12 +382,31 @@ def _check_fits(path: str, sig: list[dict[str, Any]], inputs: np.ndarray) -> Non
 
 
 def _in_fresh_process(path: str, batch: int, config: BenchConfig) -> dict[str, Any]:
+    """:func:`measure` in a child interpreter that imports this very package: ``-P`` keeps the
+    working directory off ``sys.path`` (a ``./fxcompress`` folder there must not stand in)."""
     request = json.dumps({"path": path, "batch": batch, "config": dataclasses.asdict(config)})
-    proc = subprocess.run([sys.executable, "-m", "fxcompress.bench", request], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise DataError(f"measuring {path} at batch {batch} failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-P", "-c", _WORKER, str(PACKAGE_ROOT), request],
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["it printed nothing"])[-1]
+        raise DataError(f"measuring {path} at batch {batch} failed (exit code {proc.returncode}): {tail}")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise DataError(f"measuring {path} at batch {batch} printed no result, only {lines[-1][:200]!r}") from None
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+_WORKER = "import sys; sys.path.insert(0, sys.argv[1]); from fxcompress.bench import work; work(sys.argv[2])"
+
+
+def work(request: str) -> None:
+    """The child's side: one measurement, JSON on the last line of stdout."""
+    request = json.loads(request)
+    cfg = request["config"]
+    cfg["batch_sizes"] = tuple(cfg["batch_sizes"])
+    print(json.dumps(measure(request["path"], request["batch"], BenchConfig(**cfg))))
 
 
 def _summary(mine: list[dict], reference: list[dict], model: dict, ref_model: dict) -> dict[str, Any]:
@@ -424,10 +465,3 @@ def _read_lines(path: str) -> list[str]:
         return Path(path).read_text().splitlines()
     except OSError:
         return []
-
-
-if __name__ == "__main__":  # the worker: one measurement, JSON on the last line of stdout
-    request = json.loads(sys.argv[1])
-    cfg = request["config"]
-    cfg["batch_sizes"] = tuple(cfg["batch_sizes"])
-    print(json.dumps(measure(request["path"], request["batch"], BenchConfig(**cfg))))

@@ -18,6 +18,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.analysis.plan import WidthGroup
+from fxcompress.capture import state_kept
 from fxcompress.errors import DataError
 from fxcompress.spectral import CovarianceAccumulator
 
@@ -39,9 +40,10 @@ def as_call(batch: Any) -> tuple[tuple, dict]:
 
 
 def structure(batch: Any) -> tuple:
-    """What must stay the same from batch to batch: kind, arity or keys, and tensor ranks."""
+    """What must stay the same from batch to batch: kind, arity or keys, tensor ranks, and the
+    values of non-tensor inputs (capture bakes them into the graph)."""
     args, kwargs = as_call(batch)
-    ranks = lambda vs: tuple(v.ndim if isinstance(v, torch.Tensor) else type(v).__name__ for v in vs)  # noqa: E731
+    ranks = lambda vs: tuple(v.ndim if isinstance(v, torch.Tensor) else repr(v) for v in vs)  # noqa: E731
     return type(batch).__name__, ranks(args), tuple(sorted(kwargs)), ranks(kwargs[k] for k in sorted(kwargs))
 
 
@@ -73,7 +75,7 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
     pm = probe_module(gm, probes)
     accs: dict[str, CovarianceAccumulator] = {}
     first, batches = None, 0
-    with torch.no_grad():
+    with torch.no_grad(), state_kept(pm):  # a buffer forward writes keeps its value
         for index, batch in enumerate(data):
             shape = structure(batch)
             if first is None:

@@ -13,7 +13,12 @@ trainable module:
   other batch sizes, and the export's shape guards are dropped;
 * ``nn.MultiheadAttention`` is computed with an explicit head axis (:mod:`fxcompress.attention`);
 * dropout (every ``aten`` variant) and ``aten.batch_norm`` have the mode of capture time baked
-  in; they become ``nn.Dropout*`` / ``nn.BatchNorm*d`` submodules that follow ``.train()``/``.eval()``.
+  in; they become ``nn.Dropout*`` / ``nn.BatchNorm*d`` submodules that follow ``.train()``/``.eval()``;
+* a non-tensor input (a float, a flag) is baked into the graph at its example value: the
+  module checks it on every call and refuses another value with a clear error, rather than
+  computing with the captured one;
+* a buffer that ``forward`` writes (a call counter, running statistics) is never shared with
+  the user's model, not even under ``share_weights``.
 
 Example:
     >>> import torchvision
@@ -36,7 +41,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.attention import make_headwise
-from fxcompress.errors import CaptureError
+from fxcompress.errors import CaptureError, DataError
 
 aten = torch.ops.aten
 
@@ -59,6 +64,9 @@ def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any
     gm = program.module()
     gm = GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Captured{type(model).__name__}")
     _drop_guards(gm)
+    _check_constant_inputs(gm, args, kwargs)
+    for name in written_attributes(gm):  # forward writes it: the user's tensor must not see that
+        _set_tensor(gm, name, _copy_tensor(operator.attrgetter(name)(gm)))
     _restore_train_eval(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -79,6 +87,67 @@ def own_weights(module: nn.Module, source: Any) -> None:
                     if id(tensor) not in copies:
                         copies[id(tensor)] = _copy_tensor(tensor)
                     store[key] = copies[id(tensor)]
+
+
+def written_attributes(gm: GraphModule) -> list[str]:
+    """The parameters and buffers that ``gm``'s graph writes to (in-place ops, ``copy_``)."""
+    written = []
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None or not schema.is_mutable:
+            continue
+        values = dict(zip((a.name for a in schema.arguments), node.args)) | node.kwargs
+        for argument in schema.arguments:
+            value = values.get(argument.name)
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, Node) \
+                    and value.op == "get_attr" and value.target not in written:
+                written.append(value.target)
+    return written
+
+
+@contextlib.contextmanager
+def state_kept(gm: GraphModule) -> Iterator[None]:
+    """Run ``gm`` inside without a trace: the tensors its graph writes get their values back."""
+    saved = {name: operator.attrgetter(name)(gm).detach().clone() for name in written_attributes(gm)}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                operator.attrgetter(name)(gm).copy_(value)
+
+
+def _set_tensor(gm: GraphModule, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = gm.get_submodule(owner)
+    store = module._parameters if leaf in module._parameters else module._buffers
+    store[leaf] = tensor
+
+
+@torch.fx.node.has_side_effect
+def check_constant_input(value: Any, expected: Any, name: str) -> None:
+    """Refuse a call whose non-tensor input ``name`` differs from the value the graph was captured with."""
+    if value != expected or isinstance(value, (str, bool)) != isinstance(expected, (str, bool)):
+        raise DataError(f"input {name!r} was {expected!r} when the model was captured, and that value is part of "
+                        f"the graph; this call passes {value!r}. Capture (compress) with the value you need, or "
+                        "pass it as a tensor")
+
+
+def _check_constant_inputs(gm: GraphModule, args: tuple, kwargs: dict) -> None:
+    """Guard every non-tensor input (export bakes its example value into the graph)."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(leaves) != len(placeholders):
+        return
+    last = placeholders[-1] if placeholders else None
+    for node, value in zip(placeholders, leaves):
+        if isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(value, (bool, int, float, str, type(None))):
+            raise CaptureError(f"input {node.name!r} is a {type(value).__name__}; fxcompress captures tensors and "
+                               "plain values (numbers, flags, strings): pass it as one of those")
+        with gm.graph.inserting_after(last):
+            last = gm.graph.call_function(check_constant_input, (node, value, node.name))
 
 
 def _copy_tensor(tensor: torch.Tensor) -> torch.Tensor:

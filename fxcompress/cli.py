@@ -4,20 +4,24 @@
     fxcompress-bench env
 
 Bad input (a missing file, a file that is not ONNX, different input signatures, an unknown
-device, a batch size of 0, an unreadable data directory) ends with a message on stderr,
-exit code 2, and nothing written.
+device, a batch size of 0, an unreadable data directory, an ``--out`` that cannot be
+written, a full disk) ends with one line on stderr, exit code 2, and nothing written:
+results are written to a staging folder beside ``--out`` and moved in only when complete.
+
+A ``.pt2`` program (``torch.export.save``) is read only with ``--trust-pt2``: reading one
+can run code hidden in the file. ONNX files carry no code.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from fxcompress.errors import FxCompressError
+from fxcompress.errors import ConfigError, FxCompressError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="measure two or more ONNX models side by side (the first is the reference)",
                          description="Latency, throughput, memory and energy of ONNX models, each run in fresh "
                                      "processes, alternating models over the repeats.")
-    cmp.add_argument("models", nargs="+", help="ONNX files, or PyTorch programs saved with torch.export.save (.pt2, "
+    cmp.add_argument("models", nargs="+", help="ONNX files (or, with --trust-pt2, programs saved with torch.export.save, "
                                                "exported to ONNX first); the first is the reference of every ratio")
+    cmp.add_argument("--trust-pt2", action="store_true",
+                     help="read .pt2 programs: torch.export.load unpickles and evaluates what the file holds, so "
+                          "pass this only for files you made yourself")
     cmp.add_argument("--out", required=True, help="directory for results.json, results.csv, results.md, plots")
     cmp.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
     cmp.add_argument("--repeats", type=int, default=3, help="alternating repeats per model (default 3)")
@@ -53,14 +60,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(environment("cpu"), indent=2))
             return 0
         return _compare(args)
-    except FxCompressError as exc:
-        print(f"fxcompress-bench: error: {exc}", file=sys.stderr)
+    except (FxCompressError, OSError) as exc:  # OSError: an unwritable --out, a full disk, …
+        print(f"fxcompress-bench: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, FxCompressError) else f"{type(exc).__name__}: {text}"
+
+
 def _compare(args: argparse.Namespace) -> int:
+    from fxcompress.atomic import scratch_dir, staged_dir
     from fxcompress.bench import BenchConfig, compare, to_onnx
-    from fxcompress.errors import ConfigError
     from fxcompress.results import write_results
 
     try:
@@ -71,18 +83,35 @@ def _compare(args: argparse.Namespace) -> int:
                          sequence_length=args.seq_len, warmup_runs=args.warmup_runs,
                          warmup_seconds=args.warmup_seconds, min_runs=args.min_runs, min_seconds=args.min_seconds,
                          max_seconds=args.max_seconds, dataset=args.data, data_dir=args.data_dir)
-    with tempfile.TemporaryDirectory() as work:
-        paths = [str(to_onnx(p, work)) for p in args.models]
+    out = Path(args.out)
+    _check_writable(out)
+    with scratch_dir() as work, staged_dir(out) as stage:
+        names = _unique_stems(args.models)
+        paths = [str(to_onnx(p, work, trust_pt2=args.trust_pt2, name=n)) for p, n in zip(args.models, names)]
         results = compare(paths, config, progress=lambda line: print(line, file=sys.stderr, flush=True))
         for model, original in zip(results["models"], args.models):
             if model["path"] != original:  # exported from a .pt2: keep the ONNX beside the results
-                kept = Path(args.out) / Path(model["path"]).name
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(model["path"], kept)
-                model.update(path=str(kept), source=original)
-        for path in write_results(results, args.out):
-            print(path)
+                shutil.move(model["path"], stage / Path(model["path"]).name)
+                model.update(path=str(out / Path(model["path"]).name), source=original)
+        written = [out / path.relative_to(stage) for path in write_results(results, stage)]
+    for path in written:
+        print(path)
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """``--out`` must be a directory, or a path whose nearest existing folder is writable."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a directory for the results")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable")
+
+
+def _unique_stems(paths: list[str]) -> list[str]:
+    """File stems, numbered where two inputs share one (``a/model.pt2``, ``b/model.pt2``)."""
+    stems = [Path(p).stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}-{stems[:i].count(s) + 1}" for i, s in enumerate(stems)]
 
 
 if __name__ == "__main__":
