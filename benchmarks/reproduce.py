@@ -199,7 +199,7 @@ def run_task(task: Task, args) -> dict[str, Any]:
         config = fxcompress.RMTKDConfig(compress=compress, distill=distill, max_drop=args.max_drop,
                                         target_reduction=0.95, max_passes=1, groups_per_round=task.groups_per_round,
                                         seed=args.seed)
-        result = fxcompress.rmtkd(model, train, validation, config, out_dir=out / name, plots=plots)
+        result = fxcompress.rmtkd(model, train, validation, config, out_dir=out / name, overwrite=True, plots=plots)
         rows[name] = score(result.module) | {"seconds": time.perf_counter() - t0, "stop": result.stop}
         log(f"[{task.name}] {name}: {rows[name]['parameters']:,} parameters, accuracy {rows[name]['accuracy']:.4f} "
             f"({result.stop})")

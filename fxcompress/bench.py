@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from fxcompress.errors import ConfigError, DataError
+from fxcompress.validate import check_fields
 
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
@@ -63,6 +64,7 @@ class BenchConfig:
     data_dir: str | None = None  # default: $FXCOMPRESS_DATA
 
     def __post_init__(self):
+        check_fields(self)
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise ConfigError(f"batch sizes must be integers ≥ 1, got {list(self.batch_sizes)}")
         if self.repeats < 1 or self.min_runs < 1 or self.warmup_runs < 0:

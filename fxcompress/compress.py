@@ -30,7 +30,9 @@ from fxcompress.capture import capture, own_weights
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
+from fxcompress.spectral.mp import TRACY_WIDOM_QUANTILES
 from fxcompress.spectral.rules import MP_RULES
+from fxcompress.validate import check_fields, check_range, require_instance
 
 TRANSFORMS = ("auto", "projection", "selection", "magnitude")
 
@@ -68,6 +70,21 @@ class CompressConfig:
     fold_batchnorm: bool = False
 
     def __post_init__(self):
+        if isinstance(self.targets, list):  # a list of names reads as naturally as a tuple
+            object.__setattr__(self, "targets", tuple(self.targets))
+        check_fields(self)
+        check_range(self, "q", 0, 1, open_low=True, open_high=True)
+        check_range(self, "tau", 0, 1, open_low=True)
+        check_range(self, "ratio", 0, 1, open_low=True)
+        check_range(self, "k", 1)
+        check_range(self, "round_to", 1)
+        if self.alpha not in TRACY_WIDOM_QUANTILES:
+            raise ConfigError(f"CompressConfig.alpha (the Tracy–Widom confidence) must be one of "
+                              f"{sorted(TRACY_WIDOM_QUANTILES)}, got {self.alpha!r}")
+        if self.widths is not None and any(k < 1 for k in self.widths.values()):
+            raise ConfigError(f"CompressConfig.widths must be ≥ 1 per group, got {dict(self.widths)}")
+        if isinstance(self.targets, tuple) and not self.targets:
+            raise ConfigError('CompressConfig.targets is empty: give group names or patterns, or "all"')
         if self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose one of {sorted(RULES)}")
         if self.transform not in TRANSFORMS:
@@ -78,7 +95,7 @@ class CompressConfig:
         if self.widths is not None and self.rule != "fixed":
             raise ConfigError('widths= sets each group\'s k: use it with rule="fixed"')
         if self.min_rank < 1:
-            raise ConfigError(f"min_rank must be ≥ 1 (a group cannot vanish), got {self.min_rank}")
+            raise ConfigError(f"CompressConfig.min_rank must be ≥ 1 (a group cannot vanish), got {self.min_rank}")
 
     def rule_options(self, group: str | None = None) -> dict[str, Any]:
         if self.widths is not None:
@@ -157,6 +174,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     unless ``example_inputs`` is given.
     """
     start = time.perf_counter()
+    require_instance(config, CompressConfig, "config")
     batches = _batches(calib_data)
     args, kwargs = as_call(example_inputs if example_inputs is not None else batches[0])
     gm = capture(model, args, kwargs, share_weights=True)  # nothing below writes to a weight
@@ -226,6 +244,9 @@ def _group_of(plan: Plan, name: str, number: int) -> WidthGroup:
 
 
 def _batches(calib_data: Iterable[Any]) -> list[Any]:
+    if calib_data is None or not isinstance(calib_data, Iterable) or isinstance(calib_data, (str, bytes)):
+        raise ConfigError(f"calib_data must be an iterable of batches (a DataLoader, a list of batches), "
+                          f"got {type(calib_data).__name__}")
     if isinstance(calib_data, (torch.Tensor, dict)):
         raise ConfigError("calib_data must be an iterable of batches (e.g. a DataLoader or a list of batches), "
                           "not a single batch: wrap it in a list")

@@ -32,6 +32,7 @@ from torch import nn
 
 from fxcompress.calibrate import distributed_rank
 from fxcompress.errors import ConfigError, DataError, TrainingError
+from fxcompress.validate import check_fields, check_range, require_instance, require_reiterable
 
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OPTIMIZERS = ("adamw", "sgd")
@@ -59,18 +60,21 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must lie in [0, 1] (the weight of the task loss), got {self.alpha}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ConfigError(f"epochs and max_steps must be ≥ 1, got {self.epochs} and {self.max_steps}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        check_fields(self)
+        check_range(self, "alpha", 0, 1)
+        check_range(self, "temperature", 0, open_low=True)
+        check_range(self, "epochs", 1)
+        check_range(self, "max_steps", 1)
+        check_range(self, "lr", 0, open_low=True)
+        check_range(self, "weight_decay", 0)
+        check_range(self, "momentum", 0, 1, open_high=True)
+        check_range(self, "warmup_steps", 0)
+        check_range(self, "clip_grad_norm", 0, open_low=True)
+        check_range(self, "log_every", 1)
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"DistillConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ConfigError(f"DistillConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 # -- batches and outputs ---------------------------------------------------------------------
@@ -192,8 +196,25 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_data: Iterable[
     epoch. Metrics go to ``log_path`` as JSON lines. A NaN or infinite loss raises
     :class:`~fxcompress.errors.TrainingError` naming the step; the caller decides to roll back.
     """
+    require_instance(config, DistillConfig, "config")
+    require_reiterable(train_data, "train_data")
     if teacher is None and config.alpha < 1:
         raise ConfigError(f"alpha = {config.alpha} < 1 needs a teacher; pass one, or alpha=1 for plain fine-tuning")
+    with rng_kept():
+        return _distill(student, teacher, train_data, config, val_data, evaluate, task_loss, log_path, device)
+
+
+def rng_kept() -> contextlib.AbstractContextManager:
+    """The global RNGs (the CPU's, and every CUDA device's in use) get their state back on exit:
+    fine-tuning seeds them for reproducible shuffles and dropout, and the caller's draws stay theirs."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else [])
+
+
+def _distill(student: nn.Module, teacher: nn.Module | None, train_data: Iterable[Any], config: DistillConfig,
+             val_data: Iterable[Any] | None, evaluate: Callable[[nn.Module], float] | None,
+             task_loss: TaskLoss | None, log_path: str | os.PathLike | None,
+             device: torch.device | str | None) -> DistillResult:
     rank, world = distributed_rank()
     device = torch.device(device) if device is not None else _device_of(student)
     per_epoch = _count_steps(train_data, world)

@@ -17,14 +17,17 @@ Checkpoints hold only tensors and plain values: ``torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,9 @@ from fxcompress.atomic import atomic_path, write_text
 from fxcompress.calibrate import as_call, distributed_rank
 from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress, num_parameters, rebuild
-from fxcompress.distill import DistillConfig, TaskLoss, accuracy, distill, inputs_of
+from fxcompress.distill import DistillConfig, TaskLoss, accuracy, distill, inputs_of, rng_kept
 from fxcompress.errors import ConfigError, DataError, TrainingError
+from fxcompress.validate import check_fields, check_range, require_instance, require_reiterable
 
 FORMAT = "fxcompress-rmtkd/1"
 CHECKPOINT = "checkpoint.pt"
@@ -68,14 +72,12 @@ class RMTKDConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 0 < self.calib_fraction <= 1:
-            raise ConfigError(f"calib_fraction must lie in (0, 1], got {self.calib_fraction}")
-        if not 0 < self.target_reduction < 1:
-            raise ConfigError(f"target_reduction must lie in (0, 1), got {self.target_reduction}")
-        if self.groups_per_round < 1 or self.max_passes < 1 or (self.max_rounds is not None and self.max_rounds < 1):
-            raise ConfigError("groups_per_round, max_passes and max_rounds must be ≥ 1")
-        if self.max_drop < 0:
-            raise ConfigError(f"max_drop must be ≥ 0, got {self.max_drop}")
+        check_fields(self)
+        check_range(self, "calib_fraction", 0, 1, open_low=True)
+        check_range(self, "target_reduction", 0, 1, open_low=True, open_high=True)
+        check_range(self, "max_drop", 0)
+        for name in ("groups_per_round", "max_passes", "max_rounds"):
+            check_range(self, name, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,8 +151,8 @@ class RMTKDResult:
 def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None = None,
           config: RMTKDConfig = RMTKDConfig(), *, calib_data: Iterable[Any] | None = None,
           evaluate: Callable[[nn.Module], float] | None = None, task_loss: TaskLoss | None = None,
-          out_dir: str | os.PathLike | None = None, resume: bool = False, plots: bool = False,
-          on_round: Callable[[Round], None] | None = None) -> RMTKDResult:
+          out_dir: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
+          plots: bool = False, on_round: Callable[[Round], None] | None = None) -> RMTKDResult:
     """Compress a trained ``model`` by RMT-KD; the model itself is never modified.
 
     ``train_data``/``val_data`` yield labelled batches (see :func:`fxcompress.distill`);
@@ -159,12 +161,27 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
     unless ``calib_data`` (unlabelled batches) is given. With ``out_dir``: a checkpoint
     after every round, ``report.json``, the fine-tune metrics as JSON lines and (with
     ``plots``) one spectrum plot per narrowed group; ``resume=True`` continues from there.
+    An ``out_dir`` that holds an earlier run is refused unless ``resume=True`` (continue it)
+    or ``overwrite=True`` (start afresh), and two runs never share one (a lock). The global
+    RNG state is the same after the call as before.
     """
-    start = time.perf_counter()
-    rank, _ = distributed_rank()
+    require_instance(config, RMTKDConfig, "config")
+    require_reiterable(train_data, "train_data")
+    if val_data is not None:
+        require_reiterable(val_data, "val_data")
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ConfigError("resume=True needs out_dir, where the checkpoint is")
+    if resume and overwrite:
+        raise ConfigError("resume=True continues the run in out_dir and overwrite=True discards it: pass one")
+    with rng_kept(), _claimed(out, resume, overwrite):
+        return _run(model, train_data, val_data, config, calib_data, evaluate, task_loss, out, resume, plots, on_round)
+
+
+def _run(model, train_data, val_data, config: RMTKDConfig, calib_data, evaluate, task_loss, out: Path | None,
+         resume: bool, plots: bool, on_round) -> RMTKDResult:
+    start = time.perf_counter()
+    rank, _ = distributed_rank()
     first = next(iter(train_data), None)
     if first is None:
         raise DataError("the training data is empty")
@@ -176,7 +193,8 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
         evaluate = lambda m: accuracy(m, val_data)  # noqa: E731
     calib = list(calib_data) if calib_data is not None else calibration_subset(train_data, config.calib_fraction, config.seed)
     order = [g.name for g in analyze_graph(base).groups if not g.frozen and g.probe is not None]
-    state = _State.load(out, base, example, config) if resume and out is not None and (out / CHECKPOINT).exists() else None
+    state = _State.load(out, base, example, config, order, train_data) \
+        if resume and out is not None and (out / CHECKPOINT).exists() else None
     if state is None:
         baseline = float(evaluate(base))
         floor = config.accuracy_floor if config.accuracy_floor is not None else baseline - config.max_drop
@@ -203,10 +221,10 @@ def rmtkd(model: Any, train_data: Iterable[Any], val_data: Iterable[Any] | None 
             state.optimizer, state.accuracy = optimizer_state, record.accuracy
         elif not record.accepted:
             stop = "diverged" if record.note.startswith("diverged") else "accuracy-floor"
-            warnings.warn(f"RMT-KD round {record.index} rolled back: {record.note}", stacklevel=2)
+            warnings.warn(f"RMT-KD round {record.index} rolled back: {record.note}", stacklevel=3)
         state.current, state.stop = current, stop
         if out is not None and rank == 0:
-            state.save(out, base, config)
+            state.save(out, base, config, train_data)
         _barrier()
         if on_round is not None:
             on_round(record)
@@ -296,6 +314,38 @@ def _plot(result: CompressResult, folder: Path, index: int) -> None:
             plot_spectrum(selection, folder / f"round{index:02d}-{group.name}.png", title=f"round {index}: {group.name}")
 
 
+# -- the output folder ------------------------------------------------------------------------
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "report.json", "spectra")
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def _claimed(out: Path | None, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``out`` for this run (rank 0 writes there): refuse a folder another run holds, or one
+    with an earlier run's files unless resuming or told to overwrite them."""
+    if out is None or distributed_rank()[0] != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another RMT-KD run is writing to {out}: wait for it, or use another out_dir") from None
+        earlier = [name for name in RUN_FILES if (out / name).exists()]
+        if earlier and not resume:
+            if not overwrite:
+                raise ConfigError(f"{out} holds an earlier run ({', '.join(earlier)}): pass resume=True to continue "
+                                  "it, overwrite=True to start afresh, or another out_dir")
+            for name in earlier:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _State:
@@ -310,7 +360,7 @@ class _State:
     optimizer: dict[str, Any]
     stop: str | None = None
 
-    def save(self, out: Path, base: GraphModule, config: RMTKDConfig) -> None:
+    def save(self, out: Path, base: GraphModule, config: RMTKDConfig, train_data: Any) -> None:
         payload = {
             "format": FORMAT, "fingerprint": _fingerprint(base), "config": json.dumps(config.to_dict(), sort_keys=True),
             "steps": json.dumps(self.steps), "rounds": json.dumps([dataclasses.asdict(r) for r in self.rounds]),
@@ -318,30 +368,94 @@ class _State:
             "accuracy": self.accuracy, "stop": self.stop or "",
             "model": self.current.state_dict(), "optimizer": self.optimizer, "rng": torch.get_rng_state(),
         }
+        generator = _loader_generator(train_data)
+        if generator is not None:  # a DataLoader with its own generator= shuffles from it, not the global RNG
+            payload["loader_rng"] = generator.get_state()
         with atomic_path(out / CHECKPOINT) as tmp:
             torch.save(payload, tmp)
 
     @classmethod
-    def load(cls, out: Path, base: GraphModule, example: Any, config: RMTKDConfig) -> "_State":
+    def load(cls, out: Path, base: GraphModule, example: Any, config: RMTKDConfig, order: list[str],
+             train_data: Any) -> "_State":
         path = out / CHECKPOINT
         try:
             payload = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001 — any unreadable file gets the same advice
-            raise ConfigError(f"cannot read the checkpoint {path}: {exc}; delete it or pass resume=False") from None
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ConfigError(f"{path} is not an RMT-KD checkpoint of this version ({FORMAT})")
-        if payload["fingerprint"] != _fingerprint(base):
-            raise ConfigError(f"{path} was written for a different model (its parameter names or shapes differ): "
-                              "resume with the model it was made from, or use another out_dir")
-        if payload["config"] != json.dumps(config.to_dict(), sort_keys=True):
-            raise ConfigError(f"{path} was written with a different RMTKDConfig: resume with the same settings, "
-                              "or use another out_dir")
+            raise ConfigError(f"cannot read the checkpoint {path}: {exc}; delete it or pass overwrite=True") from None
+        _check_payload(payload, path, base, config, order)
         steps = json.loads(payload["steps"])
         rounds = [Round(**{**r, "groups": tuple(r["groups"])}) for r in json.loads(payload["rounds"])]
         current = rebuild(base, example, steps, payload["model"]) if steps else base
         torch.set_rng_state(payload["rng"])
+        generator = _loader_generator(train_data)
+        if generator is not None and "loader_rng" in payload:
+            generator.set_state(payload["loader_rng"])
         return cls(current, steps, rounds, payload["pass_index"], payload["position"], payload["baseline"],
                    payload["floor"], payload["accuracy"], payload["optimizer"], payload["stop"] or None)
+
+
+def _loader_generator(data: Any) -> torch.Generator | None:
+    generator = getattr(data, "generator", None) if isinstance(data, torch.utils.data.DataLoader) else None
+    return generator if isinstance(generator, torch.Generator) else None
+
+
+#: The checkpoint's fields and their types (after ``torch.load``).
+SCHEMA = {"format": str, "fingerprint": str, "config": str, "steps": str, "rounds": str, "pass_index": int,
+          "position": int, "baseline": float, "floor": float, "accuracy": float, "stop": str, "model": dict,
+          "optimizer": dict, "rng": torch.Tensor}
+
+
+def _check_payload(payload: Any, path: Path, base: GraphModule, config: RMTKDConfig, order: list[str]) -> None:
+    """A checkpoint is trusted only as far as it is checked: schema, types, ranges, finite weights."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{path} is damaged or tampered with: {what}; delete it or pass overwrite=True")
+
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not an RMT-KD checkpoint of this version ({FORMAT})")
+    for key, kind in SCHEMA.items():
+        value = payload.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or \
+                (kind is float and not math.isfinite(value)):
+            raise bad(f"{key!r} is {type(value).__name__ if key in payload else 'missing'}, not a finite {kind.__name__}")
+    if payload["fingerprint"] != _fingerprint(base):
+        raise ConfigError(f"{path} was written for a different model (its parameter names or shapes differ): "
+                          "resume with the model it was made from, or use another out_dir")
+    saved = _json(payload["config"], "config", bad)
+    differ = _differences(saved, json.loads(json.dumps(config.to_dict(), sort_keys=True)))
+    if differ:
+        raise ConfigError(f"{path} was written with another RMTKDConfig: {'; '.join(differ)}. Resume with the same "
+                          "settings, or use another out_dir")
+    if not 0 <= payload["pass_index"] < config.max_passes or not 0 <= payload["position"] <= len(order):
+        raise bad(f"pass {payload['pass_index']}, position {payload['position']} lie outside {config.max_passes} "
+                  f"passes over {len(order)} groups")
+    if payload["stop"] and payload["stop"] not in STOPS:
+        raise bad(f"unknown stop {payload['stop']!r}")
+    steps, rounds = _json(payload["steps"], "steps", bad), _json(payload["rounds"], "rounds", bad)
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and isinstance(s.get("widths"), dict) for s in steps):
+        raise bad("'steps' is not a list of {'widths': …} mappings")
+    fields = {f.name for f in dataclasses.fields(Round)}
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) and set(r) == fields for r in rounds):
+        raise bad(f"'rounds' is not a list of rounds with the fields {sorted(fields)}")
+    for name, tensor in payload["model"].items():
+        if not isinstance(tensor, torch.Tensor) or (tensor.is_floating_point() and not torch.isfinite(tensor).all()):
+            raise bad(f"the model's {name!r} is not a finite tensor")
+    if payload["rng"].dtype != torch.uint8 or payload["rng"].shape != torch.get_rng_state().shape:
+        raise bad("'rng' is not a CPU generator state")
+
+
+def _json(text: str, key: str, bad) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad(f"{key!r} is not JSON ({exc})") from None
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ, with both values."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for key in sorted(set(saved) | set(current))
+                for d in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    return [] if saved == current else [f"{prefix[:-1]} was {saved!r}, is now {current!r}"]
 
 
 def _fingerprint(module: nn.Module) -> str:

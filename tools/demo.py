@@ -89,7 +89,7 @@ def main() -> None:
         max_drop=0.02, target_reduction=args.target, max_passes=1, seed=args.seed)
     print(f"RMT-KD ({args.rule}) …", flush=True)
     try:
-        result = fxcompress.rmtkd(model, train, val, config, out_dir=out, plots=True)
+        result = fxcompress.rmtkd(model, train, val, config, out_dir=out, overwrite=True, plots=True)
     except FxCompressError as exc:
         sys.exit(f"RMT-KD failed: {exc}")
     after = fxcompress.accuracy(result.module, test)
