@@ -14,6 +14,7 @@ import hashlib
 import io
 import lzma
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,23 @@ def cifar10(root: str | os.PathLike | None, files: list[str]) -> tuple[np.ndarra
 
 
 def _load_npz_xz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``x`` (N, 32, 32, 3) uint8 and labels ``y`` (N,) in 0–9 from an xz-compressed ``.npz``."""
     if not path.is_file():
         raise DatasetError(f"missing dataset file {path}: check --data-dir / FXCOMPRESS_DATA")
     try:
         with lzma.open(path) as f:
-            arrays = np.load(io.BytesIO(f.read()))
-            return arrays["x"], arrays["y"]
-    except (lzma.LZMAError, OSError, KeyError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path} as an xz-compressed .npz with arrays x and y: {exc}") from exc
+            arrays = np.load(io.BytesIO(f.read()))  # allow_pickle stays False: arrays only
+            x, y = arrays["x"], arrays["y"]
+    except (lzma.LZMAError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read {path} as an xz-compressed .npz with arrays x and y "
+                           f"({type(exc).__name__}: {exc}): the file is damaged or truncated; fetch it again") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise DatasetError(f"{path}: x must be uint8 images shaped (N, 32, 32, 3), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x):
+        raise DatasetError(f"{path}: y must be {len(x)} integer labels (one per image), got {y.dtype} {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        raise DatasetError(f"{path}: CIFAR-10 labels lie in 0–9, got {int(y.min())}–{int(y.max())}")
+    return x, y
 
 
 # -- GLUE -------------------------------------------------------------------------------------
@@ -123,9 +133,13 @@ def _read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
     try:
         with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
             header = f.readline().rstrip("\n").split("\t")
-            return header, [line.rstrip("\n").split("\t") for line in f]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {path} as a gzipped UTF-8 TSV: {exc}") from exc
+            rows = [line.rstrip("\n").split("\t") for line in f]
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read {path} as a gzipped UTF-8 TSV ({type(exc).__name__}: {exc}): "
+                           "the file is damaged or truncated; fetch it again") from None
+    if header == [""] or not rows:
+        raise DatasetError(f"{path} holds no {'header' if header == [''] else 'rows'}: the file is empty or truncated")
+    return header, rows
 
 
 # -- tokenizer ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from fxcompress.capture import dynamic_shapes
 from fxcompress.errors import ConfigError, ExportError
 
 EXPORTERS = ("dynamo", "torchscript")
+MIN_OPSET = 7  # the oldest opset either exporter writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,10 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         raise ConfigError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if not isinstance(module, nn.Module):
         raise ConfigError(f"export_onnx needs an nn.Module (e.g. CompressResult.module), got {type(module).__name__}")
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise ConfigError(f"opset must be an integer in [{MIN_OPSET}, {newest}] (this onnx package's range), "
+                          f"got {opset!r}")
     args, kwargs = as_call(example_inputs)
     work = copy.deepcopy(module).eval()
     target = Path(path)
@@ -72,7 +77,15 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, FLOPS_KEY: repr(flops)})
         onnx.save(model, str(tmp))
         shapes, error = validate_onnx(work, example_inputs, tmp, atol=atol, rtol=rtol) if validate else ((), float("nan"))
-    return ExportReport(str(target), used, opset, size_on_disk(target), count_parameters(model), flops, shapes, error)
+    written = opset_of(model)
+    if written != opset:
+        warnings.warn(f"asked for opset {opset}, the {used} exporter wrote opset {written}", stacklevel=2)
+    return ExportReport(str(target), used, written, size_on_disk(target), count_parameters(model), flops, shapes, error)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset a model imports."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 # -- export ----------------------------------------------------------------------------------

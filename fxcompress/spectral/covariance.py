@@ -150,7 +150,7 @@ class CovarianceAccumulator:
             cov, _ = self._sums_about(np.zeros(self.dim))
         cov = cov[0].cpu().numpy()
         cov /= self.dof(centered)
-        return cov
+        return _finite(cov)
 
     def correlation(self, centered: bool = True) -> np.ndarray:
         """:meth:`covariance` scaled to unit variances (zero-variance features stay zero)."""
@@ -203,7 +203,7 @@ class CovarianceAccumulator:
             return np.linalg.eigvalsh(self.correlation(centered))[::-1]
         data = self._data(centered)
         data = data * _inverse(np.sqrt((data * data).sum(axis=0) / self.dof(centered)))
-        return self._padded(np.linalg.eigvalsh(data @ data.T / self.dof(centered))[::-1])
+        return self._padded(np.linalg.eigvalsh(_finite(data @ data.T / self.dof(centered)))[::-1])
 
     def state_bytes(self) -> int:
         """Memory held: at most ``dim × block`` float64 numbers (rows or sums), the ``n × n ≤
@@ -278,7 +278,7 @@ class CovarianceAccumulator:
         data = self._data(centered)
         key = (self.count, centered)  # any new sample changes the count
         if self._gram_memo is None or self._gram_memo[0] != key:  # kept: eigenvalues, then leading eigenvectors
-            self._gram_memo = key, data @ data.T / self.dof(centered)
+            self._gram_memo = key, _finite(data @ data.T / self.dof(centered))
         return data, self._gram_memo[1]
 
     def _lift(self, data: np.ndarray, values: np.ndarray, u: np.ndarray, centered: bool) -> np.ndarray:
@@ -382,6 +382,14 @@ def _block_gram(rows: torch.Tensor, blocks: int) -> torch.Tensor:
     """``rowsᵀ rows`` of each block of columns: ``(n, blocks·b)`` → ``(blocks, b, b)``."""
     per_block = rows.reshape(rows.shape[0], blocks, -1).transpose(0, 1)  # (blocks, n, b)
     return per_block.transpose(1, 2) @ per_block
+
+
+def _finite(matrix: np.ndarray) -> np.ndarray:
+    """``matrix``, unless its products overflowed float64 (activations beyond ~1e150)."""
+    if not np.all(np.isfinite(matrix)):
+        raise DataError("the covariance overflows float64: the activations are too large to square (beyond ~1e150); "
+                        "rescale the model's inputs or weights")
+    return matrix
 
 
 def _outer(a: torch.Tensor, b: torch.Tensor, blocks: int) -> torch.Tensor:

@@ -151,6 +151,8 @@ def mp_robust(spectrum: Spectrum, *, alpha: float = 0.99, max_iter: int = 20) ->
     """
     if alpha not in mp.TRACY_WIDOM_QUANTILES:
         raise ConfigError(f"mp-robust: alpha must be one of {sorted(mp.TRACY_WIDOM_QUANTILES)}, got {alpha!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ConfigError(f"mp-robust: max_iter must be an integer ≥ 1, got {max_iter!r}")
     k, sigma2, threshold, iterations = robust_fixed_point(spectrum, alpha, max_iter)
     return RuleOutcome(k, threshold, sigma2, {"iterations": iterations})
 
