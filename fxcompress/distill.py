@@ -226,6 +226,7 @@ def _distill(student: nn.Module, teacher: nn.Module | None, train_data: Iterable
     if evaluate is None and val_data is not None:
         evaluate = lambda m: accuracy(m, val_data, device)  # noqa: E731
     teacher_mode = teacher.training if teacher is not None else False
+    teacher_buffers = {name: b.detach().clone() for name, b in teacher.named_buffers()} if teacher is not None else {}
     if teacher is not None:
         teacher.eval()
     logger = _Logger(log_path if rank == 0 else None)
@@ -275,10 +276,18 @@ def _distill(student: nn.Module, teacher: nn.Module | None, train_data: Iterable
             bar.close()
         if teacher is not None:
             teacher.train(teacher_mode)
+            _restore_buffers(teacher, teacher_buffers)  # a frozen teacher: what its forward wrote is undone
     return DistillResult(step, last, tuple(history), time.perf_counter() - start, optimizer.state_dict())
 
 
 # -- internals -------------------------------------------------------------------------------
+def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
+
+
 def _device_of(model: nn.Module) -> torch.device:
     param = next(iter(model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
