@@ -8,6 +8,7 @@ kept its shape and stayed finite.
     python benchmarks/sweep_compress.py --models resnet18,bert
     python benchmarks/sweep_compress.py --models more        # nine further torchvision architectures
     python benchmarks/sweep_compress.py --models transformers  # eighteen further transformers families
+    python benchmarks/sweep_compress.py --models timm          # timm architectures nobody here wrote
     python benchmarks/sweep_compress.py --rules exact         # random exact transforms keep the function?
 """
 
@@ -95,6 +96,42 @@ def transformers_model(name: str):
     return model, [INPUTS[inputs]() for _ in range(2)]
 
 
+#: timm architectures (random weights, 64 px where the model allows another size), each with
+#: constructs of its own: selective kernels, ghost modules, talking heads, gated positional
+#: attention, ``padding="same"``, layer scale, global response norm, cross-covariance attention,
+#: channel slices, weight standardisation, mixers, pooling token mixers, hybrid stems.
+TIMM = {
+    **{name: {} for name in (
+        "resnet18", "resnet26d", "skresnet18", "ghostnet_100", "efficientnet_b0", "mobilenetv3_small_100",
+        "regnetx_002", "dpn68", "rexnet_100", "densenet121", "convnext_atto", "poolformer_s12", "mobilevit_xxs",
+        "edgenext_xx_small", "efficientvit_b0", "mambaout_femto", "nf_resnet26", "tinynet_a", "dla34",
+        "ese_vovnet19b_dw", "cspresnet50", "repvgg_a0", "res2net50_14w_8s", "lambda_resnet26t", "repvit_m0_9",
+        "hgnetv2_b0", "fastvit_t8", "mobileone_s0", "gcresnet26ts", "seresnext26d_32x4d", "resnest14d",
+        "convmixer_768_32", "inception_v3", "hrnet_w18_small", "ecaresnet26t", "selecsls42b", "xception41",
+        "mixnet_s", "lcnet_050", "ghostnetv2_100", "convnextv2_atto", "efficientformerv2_s0", "tresnet_m",
+        "vgg11_bn", "rdnet_tiny", "starnet_s1", "mobilenetv4_conv_small")},
+    **{name: {"img_size": 64} for name in (
+        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "cait_xxs24_224", "convit_tiny", "mixer_b16_224",
+        "resmlp_12_224", "xcit_nano_12_p16_224", "eva02_tiny_patch14_224", "pvt_v2_b0", "coat_lite_tiny",
+        "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224", "crossvit_tiny_240", "pit_ti_224", "tnt_s_patch16_224",
+        "visformer_tiny", "gcvit_xxtiny", "davit_tiny", "maxvit_tiny_rw_224", "levit_128s", "beit_base_patch16_224",
+        "volo_d1_224", "twins_svt_small", "sequencer2d_s", "efficientformer_l1", "nest_tiny", "vit_small_patch16_rope_224")},
+}
+
+
+def timm_model(name: str, size: int = 64):
+    import timm
+
+    kwargs = dict(TIMM[name])
+    if "img_size" in kwargs:  # models that fix their size: windows and grids need a multiple of 32
+        kwargs["img_size"] = {"swin_tiny_patch4_window7_224": 224, "swinv2_cr_tiny_ns_224": 224,
+                              "crossvit_tiny_240": 240, "maxvit_tiny_rw_224": 224, "davit_tiny": 224,
+                              "gcvit_xxtiny": 224, "nest_tiny": 224, "volo_d1_224": 224}.get(name, size)
+        size = kwargs["img_size"]
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    return model, [torch.randn(2, 3, size, size) for _ in range(2)]
+
+
 MODELS = {
     "resnet18": lambda: vision("resnet18"),
     "resnet50": lambda: vision("resnet50"),
@@ -108,9 +145,11 @@ MODELS = {
 MORE = ("mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "convnext_tiny", "regnet_y_400mf",
         "resnext50_32x4d", "googlenet", "squeezenet1_0", "swin_t")
 HF_MORE = tuple(name for name in TRANSFORMERS if name not in MODELS)
-SETS = {"default": ",".join(MODELS), "more": ",".join(MORE), "transformers": ",".join(HF_MORE)}
+SETS = {"default": ",".join(MODELS), "more": ",".join(MORE), "transformers": ",".join(HF_MORE),
+        "timm": ",".join(f"timm/{name}" for name in TIMM)}
 MODELS.update({name: (lambda name=name: vision(name)) for name in MORE})
 MODELS.update({name: (lambda name=name: transformers_model(name)) for name in HF_MORE})
+MODELS.update({f"timm/{name}": (lambda name=name: timm_model(name)) for name in TIMM})
 
 
 def output(out):
@@ -160,7 +199,8 @@ def exactness(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="default", help="names, or 'default', 'more', 'transformers', 'all'")
+    parser.add_argument("--models", default="default",
+                        help="names, or 'default', 'more', 'transformers', 'timm', 'all'")
     parser.add_argument("--rules", default="fixed,default", help="fixed, default, and exact (the check of "
                         "exactness(): random k = d transforms on every exact group, float64)")
     args = parser.parse_args()
@@ -174,7 +214,8 @@ def main() -> None:
                 print(exactness(name) if rule == "exact" else run(name, rule), flush=True)
             except Exception as exc:  # a sweep reports failures and goes on
                 print(f"| {name} | {rule} | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:150]} |", flush=True)
-                traceback.print_exc(limit=3, file=open(f"/tmp/sweep_{name}_{rule}.log", "w"))
+                with open(f"/tmp/sweep_{name.replace('/', '_')}_{rule}.log", "w") as log:
+                    traceback.print_exc(limit=3, file=log)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any
     gm = GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Captured{type(model).__name__}")
     _drop_guards(gm)
     _check_constant_inputs(gm, args, kwargs)
+    _check_fixed_axes(gm, args, kwargs, dynamic_shapes(args, kwargs) is not None)
     for name in written_attributes(gm):  # forward writes it: the user's tensor must not see that
         _set_tensor(gm, name, _copy_tensor(operator.attrgetter(name)(gm)))
     _restore_train_eval(gm)
@@ -131,6 +132,33 @@ def check_constant_input(value: Any, expected: Any, name: str) -> None:
         raise DataError(f"input {name!r} was {expected!r} when the model was captured, and that value is part of "
                         f"the graph; this call passes {value!r}. Capture (compress) with the value you need, or "
                         "pass it as a tensor")
+
+
+@torch.fx.node.has_side_effect
+def check_axis_size(value: torch.Tensor, axis: int, expected: int, name: str) -> None:
+    """Refuse a call whose input ``name`` has another size on an axis that export fixed."""
+    if value.shape[axis] != expected:
+        raise DataError(f"axis {axis} of input {name!r} was fixed to {expected} when the model was captured (its code "
+                        f"made torch.export treat that size as a constant); this call passes {value.shape[axis]}. "
+                        f"Call it with {expected}, or capture (compress) with the size you need")
+
+
+def _check_fixed_axes(gm: GraphModule, args: tuple, kwargs: dict, dynamic: bool) -> None:
+    """Guard every axis that capture asked to keep free and export fixed all the same (the
+    model's code turned its size into a number): other sizes would compute something else."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not dynamic or len(leaves) != len(placeholders):
+        return
+    last = placeholders[-1]
+    for node, value in zip(placeholders, leaves):
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if not isinstance(value, torch.Tensor) or shape is None:
+            continue
+        for axis in _dynamic_axes(value):
+            if str(shape[axis]).isdigit():  # a number, not a symbol (a SymInt export replaced by one)
+                with gm.graph.inserting_after(last):
+                    last = gm.graph.call_function(check_axis_size, (node, axis, int(str(shape[axis])), node.name))
 
 
 def _check_constant_inputs(gm: GraphModule, args: tuple, kwargs: dict) -> None:

@@ -15,10 +15,14 @@ can run code hidden in the file. ONNX files carry no code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from fxcompress.errors import ConfigError, FxCompressError
@@ -53,16 +57,30 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("env", help="print the environment a result would record (versions, CPU, GPU)",
                    description="Print the package versions, CPU and GPU that compare records.")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "env":
-            from fxcompress.bench import environment
+    with _terminate_unwinds():
+        try:
+            if args.command == "env":
+                from fxcompress.bench import environment
 
-            print(json.dumps(environment("cpu"), indent=2))
-            return 0
-        return _compare(args)
-    except (FxCompressError, OSError) as exc:  # OSError: an unwritable --out, a full disk, …
-        print(f"fxcompress-bench: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+                print(json.dumps(environment("cpu"), indent=2))
+                return 0
+            return _compare(args)
+        except (FxCompressError, OSError) as exc:  # OSError: an unwritable --out, a full disk, …
+            print(f"fxcompress-bench: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """While the command runs, ``kill`` (SIGTERM) unwinds it like an error: temporary files go."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(exc: BaseException) -> str:

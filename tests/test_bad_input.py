@@ -9,6 +9,7 @@ import lzma
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,20 @@ def test_resume_with_a_seeded_dataloader_equals_the_uninterrupted_run(tmp_path):
     assert sum(r.narrowed for r in whole.rounds) == 2
     a, b = whole.module.state_dict(), resumed.module.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_compare_leaves_no_temporary_files(onnx_pair, tmp_path):
+    import tempfile
+    import time
+
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "fxcompress.cli", "compare", str(onnx_pair / "a.onnx"),
+                             str(onnx_pair / "b.onnx"), "--out", str(out), "--min-seconds", "30",
+                             "--max-seconds", "30", "--repeats", "1", "--batch-sizes", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().startswith("repeat 1/1")  # measuring: the scratch and staging folders exist
+    time.sleep(0.5)
+    proc.terminate()
+    assert proc.wait(timeout=60) == 128 + 15
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bench")]
+    assert not list(Path(tempfile.gettempdir()).glob(f"fxcompress-{proc.pid}.*"))

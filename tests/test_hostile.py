@@ -197,6 +197,8 @@ CALLS = {
         fxcompress.capture(m, (train[0][0],)), m, train[:3], DistillConfig(progress=False)),
     "rmtkd": lambda m, train, val, tmp: fxcompress.rmtkd(m, train[:5], val, _config(), out_dir=tmp),
     "export_onnx": lambda m, train, val, tmp: export_onnx(m, train[0][0], tmp / "m.onnx"),
+    "rebuild": lambda m, train, val, tmp: fxcompress.rebuild(m, train[0][0], [fxcompress.compress(
+        m, [b[0] for b in train[:3]], CompressConfig(rule="fixed", ratio=0.5)).step]),
 }
 
 

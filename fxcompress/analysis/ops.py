@@ -145,6 +145,7 @@ def conv(ctx, node: Node) -> None:
         ctx.freeze_all(node, "transposed convolution is not supported yet")
         return
     ctx.tie(ctx.dim(x, 0), ctx.dim(node, 0))
+    freeze_spatial(ctx, node, x)
     channels_in, channels_out = ctx.size(x, 1), ctx.size(node, 1)
     if groups == 1:
         ctx.consume(x, 1, weight, 1, node)
@@ -162,6 +163,15 @@ def conv(ctx, node: Node) -> None:
         why = f"{node.name} convolves them in {groups} groups"
         ctx.cut_into_blocks(ctx.dim(x, 1), groups, why)
         ctx.cut_into_blocks(ctx.dim(node, 1), groups, why)
+
+
+def freeze_spatial(ctx, node: Node, x: Node) -> None:
+    """The axes after the channels, which a window slides along (and may shrink), keep their
+    sizes on both sides: they are no width, whatever is added or multiplied along them."""
+    reason = f"{node.name} slides a window along this axis: its size stays"
+    for axis in range(2, max(ctx.ndim(x), ctx.ndim(node))):
+        ctx.freeze(ctx.dim(x, axis) if axis < ctx.ndim(x) else None, reason)
+        ctx.freeze(ctx.dim(node, axis) if axis < ctx.ndim(node) else None, reason)
 
 
 @op_rule(aten.embedding.default)
@@ -265,8 +275,12 @@ def _matmul(ctx, node: Node, a: Node, b: Node) -> None:
 
 @op_rule(*_overloads("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))
 def softmax(ctx, node: Node) -> None:
+    """Normalises along its axis; along every other axis it acts entry by entry, nonlinearly:
+    a permutation passes, a rotation does not (talking-heads attention mixes heads around it)."""
     ctx.tie_all(node.args[0], node)
-    ctx.effect(ctx.dim(node, arg(node, "dim")), "normalizing", node)
+    axis = arg(node, "dim") % ctx.ndim(node)
+    for a, key in enumerate(ctx.dims(node)):
+        ctx.effect(key, "normalizing" if a == axis else "channelwise", node)
 
 
 # -- shape ops ----------------------------------------------------------------------------
@@ -302,7 +316,9 @@ def reshape(ctx, node: Node) -> None:
 
 @op_rule(*_overloads("expand", "expand_as"))
 def expand(ctx, node: Node) -> None:
-    ctx.broadcast(node, [node.args[0]], param_role="channel")
+    """The output is its input, repeated: an expanded parameter (a class token, ConViT's
+    relative positions) is a value that enters the graph, transformed as a producer's output."""
+    ctx.broadcast(node, [node.args[0]], param_role="producer")
 
 
 @op_rule(*_overloads("select.int"))
@@ -373,13 +389,17 @@ def getitem(ctx, node: Node) -> None:
     ctx.take_split_output(node)
 
 
-@op_rule(*_overloads("mean.dim", "sum.dim_IntList", "amax", "amin", "mean", "sum", "var.correction", "std.correction"))
+LINEAR_REDUCTIONS = _overloads("mean.dim", "sum.dim_IntList", "mean", "sum")
+
+
+@op_rule(*LINEAR_REDUCTIONS, *_overloads("amax", "amin", "var.correction", "std.correction"))
 def reduce(ctx, node: Node) -> None:
     x = node.args[0]
     axes = arg(node, "dim")
     axes = list(range(ctx.ndim(x))) if axes is None else axes
     axes = {a % ctx.ndim(x) for a in ([axes] if isinstance(axes, int) else axes)}
     keep = ctx.ndim(node) == ctx.ndim(x)
+    linear = node.target in LINEAR_REDUCTIONS  # a sum or mean is linear in the axes it keeps; a max or a variance not
     out_axis = 0
     for a in range(ctx.ndim(x)):
         if a in axes:  # a normaliser (RMSNorm written out) or a pooling: it changes as the dim narrows
@@ -387,6 +407,7 @@ def reduce(ctx, node: Node) -> None:
             out_axis += keep
         else:
             ctx.tie(ctx.dim(x, a), ctx.dim(node, out_axis))
+            ctx.effect(ctx.dim(node, out_axis), "linear" if linear else "channelwise", node)
             out_axis += 1
 
 
@@ -397,6 +418,7 @@ def pool(ctx, node: Node) -> None:
     x = node.args[0]
     ctx.tie(ctx.dim(x, 0), ctx.dim(node, 0))
     ctx.tie(ctx.dim(x, 1), ctx.dim(node, 1))
+    freeze_spatial(ctx, node, x)
     effect = "channelwise" if "max" in str(node.target) else "linear"
     ctx.effect(ctx.dim(node, 1), effect, node)
 

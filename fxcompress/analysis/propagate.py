@@ -390,6 +390,7 @@ def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
 def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     _freeze_unrecorded_parameters(ctx)
     _resolve_grids(ctx)
+    _tie_cuts(ctx)
     members: dict[DimKey, list[DimKey]] = defaultdict(list)
     for key in list(ctx.parent):
         members[ctx.find(key)].append(key)
@@ -439,6 +440,31 @@ def _resolve_grids(ctx: Context) -> None:
             reason = f"{node} views it as a ({rows}, {columns}, {size}) grid, and no attention says which axis holds heads"
             ctx.freeze(whole, reason)
             ctx.freeze(part, reason)
+
+
+def _tie_cuts(ctx: Context) -> None:
+    """Every cut of one axis is one cut. A second concatenation or split of an axis cut the same
+    way (SelectiveKernel splits a stream twice; GhostNet adds two concatenations) ties its parts
+    to the first's, part by part; an axis cut in different places freezes every part of it.
+    Ties can make more wholes one, so this runs to a fixed point."""
+    changed = True
+    while changed:
+        changed, first = False, {}
+        for whole, parts, node in ctx.segments:
+            root = ctx.find(whole)
+            earlier, by = first.setdefault(root, (parts, node))
+            if earlier is parts:
+                continue
+            if [size for _, size, _ in earlier] != [size for _, size, _ in parts]:
+                reason = f"{node} and {by} cut one axis in different places"
+                for key, _, _ in (*earlier, *parts):
+                    if reason not in ctx.frozen.get(key, []):
+                        ctx.freeze(key, reason)
+                continue
+            for (a, _, _), (b, _, _) in zip(earlier, parts):
+                if ctx.find(a) != ctx.find(b):
+                    ctx.tie(a, b)
+                    changed = True
 
 
 def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> dict[DimKey, list[tuple[str, int, int]]]:

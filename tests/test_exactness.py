@@ -1,0 +1,158 @@
+"""No silent wrongness: each construct below once made the plan call a group exact while a
+``k = d`` transform of it changed the output. Each is the smallest model that shows it; the
+check is the rewrite with :func:`fxcompress.exact_transforms`, in float64."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxcompress
+from fxcompress.analysis import analyze_graph
+from fxcompress.capture import capture
+from fxcompress.rewrite import exact_transforms, rewrite
+
+
+def _transformed_error(model: nn.Module, *inputs) -> tuple[float, object]:
+    """The largest output change, relative, after every exact group is rotated or permuted."""
+    torch.manual_seed(0)
+    model = model.double().eval()
+    gm = capture(model, inputs)
+    plan = analyze_graph(gm)
+    with torch.no_grad():
+        ref = model(*inputs)
+        out = rewrite(gm, plan, exact_transforms(plan, seed=1))(*inputs)
+    return float((out - ref).abs().max() / ref.abs().max()), plan
+
+
+class TwoSplits(nn.Module):
+    """One stream split twice the same way (SelectiveKernel's two ``torch.split``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.d, self.e, self.f = (nn.Linear(4, 8), nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3),
+                                                  nn.Linear(4, 3))
+
+    def forward(self, x):
+        h = self.a(x)
+        p, q = h.split(4, dim=-1)
+        r, s = h.split(4, dim=-1)
+        return self.c(r) + self.d(s) + self.e(torch.relu(p)) + self.f(q)
+
+
+class TwoConcatenations(nn.Module):
+    """Two concatenations added together (GhostNet's residual of two ghost modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.head = (nn.Linear(4, 3), nn.Linear(3, 5), nn.Linear(4, 3),
+                                                     nn.Linear(3, 5), nn.Linear(8, 2))
+
+    def forward(self, x):
+        a, c = self.a(x), self.c(x)
+        return self.head(torch.cat([a, self.b(a)], -1) + torch.cat([c, self.d(c)], -1))
+
+
+class UnevenConcatenations(nn.Module):
+    """Two concatenations of one axis cut in different places: their parts cannot narrow alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.head = (nn.Linear(4, 3), nn.Linear(4, 5), nn.Linear(4, 2),
+                                                     nn.Linear(4, 6), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], -1) + torch.cat([self.c(x), self.d(x)], -1))
+
+
+class TalkingHeads(nn.Module):
+    """Linear over heads → softmax over tokens → linear over heads: the heads axis is nonlinear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_l, self.proj_w = nn.Linear(4, 6), nn.Linear(6, 4)
+
+    def forward(self, scores):  # (B, N, N, heads)
+        return self.proj_w(self.proj_l(scores).softmax(dim=1))
+
+
+class ExpandedBuffer(nn.Module):
+    """A constant expanded over the batch and fed to a layer (ConViT's ``rel_indices``): a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rel", torch.randn(1, 5, 5, 3))
+        self.pos_proj = nn.Linear(3, 4)
+
+    def forward(self, x):  # (B, 5, 5, 4)
+        return self.pos_proj(self.rel.expand(x.shape[0], -1, -1, -1)) * x
+
+
+class SpatialEmbedding(nn.Module):
+    """A positional embedding (1, C, H, W) added to a feature map: its H and W are no widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 6, 6))
+
+    def forward(self, x):
+        return self.conv2(self.conv(x) + self.pos)
+
+
+CASES = {
+    "two splits": (TwoSplits, lambda: (torch.randn(5, 4, dtype=torch.float64),)),
+    "two concatenations": (TwoConcatenations, lambda: (torch.randn(5, 4, dtype=torch.float64),)),
+    "talking heads": (TalkingHeads, lambda: (torch.randn(2, 5, 5, 4, dtype=torch.float64),)),
+    "expanded buffer": (ExpandedBuffer, lambda: (torch.randn(2, 5, 5, 4, dtype=torch.float64),)),
+    "spatial embedding": (SpatialEmbedding, lambda: (torch.randn(2, 3, 6, 6, dtype=torch.float64),)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_group_called_exact_is_exact(case):
+    model, inputs = CASES[case]
+    error, plan = _transformed_error(model(), *inputs())
+    assert plan.compressible, "the case must leave something to transform"
+    assert error < 1e-10, f"{case}: a k = d transform of the exact groups moved the output by {error:.2e}\n{plan}"
+
+
+def test_two_splits_of_one_axis_are_one_cut():
+    _, plan = _transformed_error(TwoSplits(), torch.randn(5, 4, dtype=torch.float64))
+    assert "c.in" not in [g.name for g in plan.groups]  # r is p: the first half of a's output
+
+
+def test_an_axis_concatenated_in_different_places_freezes_every_part():
+    error, plan = _transformed_error(UnevenConcatenations(), torch.randn(5, 4, dtype=torch.float64))
+    for name in ("a", "b", "c", "d"):
+        assert any("cut one axis in different places" in r for r in plan[name].frozen_by), plan[name]
+    assert error < 1e-10
+
+
+def test_softmax_acts_per_channel_on_its_other_axes():
+    _, plan = _transformed_error(TalkingHeads(), torch.randn(2, 5, 5, 4, dtype=torch.float64))
+    assert plan["proj_l"].exact == ("selection",)
+
+
+def test_a_spatial_axis_of_a_feature_map_is_frozen():
+    _, plan = _transformed_error(SpatialEmbedding(), torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert not [g for g in plan.compressible if g.size == 6]
+
+
+class MeanOfTokens(nn.Module):
+    """``float(n)`` fixes the sequence length in the graph: export specialises the axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(50, 8), nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).sum(1) / float(ids.shape[1]))
+
+
+def test_an_axis_export_fixed_refuses_other_sizes_clearly():
+    model = MeanOfTokens()
+    ids = torch.randint(0, 50, (4, 16))
+    gm = capture(model, (ids,))
+    assert torch.allclose(gm(ids[:2]), model(ids[:2]))  # the batch axis stays free
+    with pytest.raises(fxcompress.DataError, match="axis 1 of input 'ids' was fixed to 16 .* passes 24"):
+        gm(torch.randint(0, 50, (4, 24)))
