@@ -286,7 +286,7 @@ def _restore_train_eval(gm: GraphModule) -> None:
         if node.target in DROPOUTS:
             module = DROPOUTS[node.target](float(node.args[1]), node.args[0].meta["val"].ndim)
             _swap_for_module(gm, node, module, (node.args[0],))
-        elif node.target == aten.batch_norm.default:
+        elif node.target == aten.batch_norm.default and _stateful(node):
             owner = _common_owner(node.args[1:5])
             _swap_for_module(gm, node, _batch_norm_module(gm, node), (node.args[0],), owner)
 
@@ -307,6 +307,15 @@ DROPOUTS = {
     aten.feature_alpha_dropout.default: lambda p, ndim: nn.FeatureAlphaDropout(p),
     aten.feature_alpha_dropout_.default: lambda p, ndim: nn.FeatureAlphaDropout(p),
 }
+
+
+def _stateful(node: Node) -> bool:
+    """A batch norm with running statistics (buffers), whose mode matters, and whose weight and
+    bias are parameters or absent, as ``nn.BatchNorm`` holds them. One without statistics uses
+    the batch's in either mode (weight standardisation, ``track_running_stats=False``): it stays."""
+    weight, bias, mean, var = node.args[1:5]
+    held = lambda p: isinstance(p, Node) and p.op == "get_attr"  # noqa: E731
+    return held(mean) and held(var) and all(p is None or held(p) for p in (weight, bias))
 
 
 def _common_owner(params: tuple) -> str | None:

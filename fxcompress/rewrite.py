@@ -37,7 +37,8 @@ from fxcompress.errors import FxCompressError
 aten = torch.ops.aten
 
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}  # padding="same" or "valid"
 NORMS = {aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default}
 BIASED = CONVS | {aten.linear.default}  # ops with a bias argument (addmm takes it first)
 
@@ -127,7 +128,7 @@ def fold_batch_norms(gm: GraphModule) -> GraphModule:
     return out
 
 
-FOLDABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
+FOLDABLE = CONVS - {aten.convolution.default} | {aten.linear.default}
 
 
 def _foldable(layer: object, bn: nn.Module) -> bool:

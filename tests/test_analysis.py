@@ -355,3 +355,39 @@ def test_an_attention_bias_lies_on_the_attention_heads():
     plan = analyze_graph(gm)
     assert any("splits heads: the number of heads stays" in r for r in plan["bias"].frozen_by)
     assert torch.allclose(rewrite(gm, plan, exact_transforms(plan))(x), model(x), atol=1e-12)
+
+
+def test_a_no_grad_or_autocast_block_freezes_what_crosses_it_and_says_so():
+    class Region(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            with torch.no_grad():
+                g = self.b(h)
+            return self.c(g + h)
+
+    plan = analyze(Region(), (torch.randn(4, 8),))
+    assert any("torch.no_grad()/autocast block" in r for r in plan["a"].frozen_by)
+
+
+def test_weight_standardisation_is_no_batch_norm_module():
+    """NF-ResNet standardises its convolution weights with ``F.batch_norm`` on a computed
+    tensor: capture keeps that call as it is (no nn.BatchNorm), and the convolution, which
+    takes a computed weight, freezes its groups."""
+
+    class StdConv(torch.nn.Conv2d):
+        def forward(self, x):
+            weight = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                                    training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)
+            return torch.nn.functional.conv2d(x, weight, self.bias, padding=1)
+
+    model = torch.nn.Sequential(StdConv(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    gm = capture(model, (x,))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    plan = analyze_graph(gm)
+    assert [g.name for g in plan.compressible] == []  # the standardised weight is computed: nothing narrows

@@ -156,3 +156,28 @@ def test_an_axis_export_fixed_refuses_other_sizes_clearly():
     assert torch.allclose(gm(ids[:2]), model(ids[:2]))  # the batch axis stays free
     with pytest.raises(fxcompress.DataError, match="axis 1 of input 'ids' was fixed to 16 .* passes 24"):
         gm(torch.randint(0, 50, (4, 24)))
+
+
+# -- constructs that once froze whole models ----------------------------------------------------------
+class SameConv(nn.Module):
+    """``padding="same"`` (ConvMixer, HF EfficientNet): ``aten.conv2d.padding``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding="same"), nn.Conv2d(8, 4, 3, padding="same")
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+NARROWABLE = {  # model, inputs, a group that must be compressible
+    "padding same": (SameConv, lambda: (torch.randn(2, 3, 6, 6, dtype=torch.float64),), "a"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NARROWABLE))
+def test_a_construct_real_zoos_use_narrows_exactly(case):
+    model, inputs, name = NARROWABLE[case]
+    error, plan = _transformed_error(model(), *inputs())
+    assert plan[name] in plan.compressible, plan[name]
+    assert error < 1e-10, f"{case}: {error:.2e}\n{plan}"

@@ -137,7 +137,8 @@ def addmm(ctx, node: Node) -> None:
     ctx.produce(node, -1, weight, 1, bias if isinstance(bias, Node) and bias.op == "get_attr" else None)
 
 
-@op_rule(*_overloads("conv1d", "conv2d", "conv3d", "convolution"))
+@op_rule(*_overloads("conv1d", "conv2d", "conv3d", "convolution", "conv1d.padding", "conv2d.padding",
+                     "conv3d.padding"))
 def conv(ctx, node: Node) -> None:
     x, weight, bias = node.args[0], node.args[1], arg(node, "bias")
     groups = arg(node, "groups", 1)
@@ -460,3 +461,19 @@ def _only_some_axes(ctx, node: Node, changed: set[int], effect: str, verb: str) 
                      "_assert_scalar", "_assert_tensor_metadata"))
 def shape_query(ctx, node: Node) -> None:
     """Reads sizes or builds fresh tensors: couples nothing."""
+
+
+# -- regions the graph does not show --------------------------------------------------------------
+REGIONS = [getattr(torch.ops.higher_order, name) for name in ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+           if hasattr(torch.ops.higher_order, name)]
+
+
+@op_rule(*REGIONS)
+def region(ctx, node: Node) -> None:
+    """A ``torch.no_grad()`` or ``autocast`` block, captured as a subgraph the width rules do not
+    enter: whatever flows in or out keeps its size."""
+    reason = f"{node.name} runs a torch.no_grad()/autocast block, whose ops the analysis does not enter"
+    for arg_node in node.all_input_nodes:
+        ctx.freeze_all(arg_node, reason)
+    for user in node.users:
+        ctx.freeze_all(user, reason)

@@ -49,8 +49,9 @@ class Context:
     def value(self, node: Any) -> torch.Tensor | None:
         if not isinstance(node, Node):
             return None
-        if node.op == "get_attr":
-            return operator.attrgetter(node.target)(self.gm)
+        if node.op == "get_attr":  # a parameter, a buffer, or a higher-order op's subgraph (not a tensor)
+            val = operator.attrgetter(node.target)(self.gm)
+            return val if isinstance(val, torch.Tensor) else None
         val = node.meta.get("val")
         return val if isinstance(val, torch.Tensor) else None
 
