@@ -170,8 +170,33 @@ class SameConv(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+class LayerScale(nn.Module):
+    """A layer scale written ``x * γ.reshape(1, -1, 1, 1)`` (ConvNeXt, EfficientFormer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return self.b(self.a(x) * self.gamma.reshape(1, -1, 1, 1))
+
+
+class TransposedWeight(nn.Module):
+    """``x @ W.T`` with a weight stored (out, in), as Falcon writes its projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1.T) @ self.w2.t()
+
+
 NARROWABLE = {  # model, inputs, a group that must be compressible
     "padding same": (SameConv, lambda: (torch.randn(2, 3, 6, 6, dtype=torch.float64),), "a"),
+    "layer scale": (LayerScale, lambda: (torch.randn(2, 3, 5, 5, dtype=torch.float64),), "a"),
+    "x @ W.T": (TransposedWeight, lambda: (torch.randn(5, 8, dtype=torch.float64),), "w1"),
 }
 
 

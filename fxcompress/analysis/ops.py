@@ -70,6 +70,9 @@ def _overloads(*names: str) -> list[object]:
 # -- elementwise ------------------------------------------------------------------------
 IDENTITY_LIKE = _overloads("clone", "contiguous", "alias", "detach", "_to_copy", "to.dtype", "to.device",
                            "to.dtype_layout", "type_as", "lift_fresh_copy", "dropout")
+TRANSPOSES = _overloads("t", "transpose.int", "permute", "numpy_T")
+UNIT_VIEWS = _overloads("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze.dim", "squeeze.dims",
+                        "squeeze")  # a view that only adds or drops unit axes keeps a parameter a parameter
 LINEAR_UNARY = _overloads("neg", "mul.Scalar", "div.Scalar", "mul_.Scalar", "div_.Scalar")
 CHANNELWISE_UNARY = _overloads(
     "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh",

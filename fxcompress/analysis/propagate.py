@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.analysis.ops import IDENTITY_LIKE, MODULE_RULES, OP_RULES
+from fxcompress.analysis.ops import IDENTITY_LIKE, MODULE_RULES, OP_RULES, TRANSPOSES, UNIT_VIEWS
 from fxcompress.analysis.plan import Plan, Use, WidthGroup
 from fxcompress.capture import capture
 
@@ -146,20 +146,39 @@ class Context:
             self.freeze(key, reason)
 
     def parameter(self, node: Any) -> Node | None:
-        """The parameter (``get_attr``) that ``node`` is, or is a cast or copy of; None for computed tensors."""
-        while isinstance(node, Node) and node.op == "call_function" and node.target in IDENTITY_LIKE:
-            node = node.args[0]
-        return node if isinstance(node, Node) and node.op == "get_attr" else None
+        """The parameter (``get_attr``) that ``node`` is, or is a cast, a copy, a transpose or a
+        view with unit axes added or dropped of (a layer scale ``γ.reshape(1, -1, 1, 1)``, a
+        weight used as ``x @ W.T``); None for computed tensors."""
+        found = [self.parameter_axis(node, axis) for axis in range(self.ndim(node))]
+        return next((f[0] for f in found if f is not None), None)
+
+    def parameter_axis(self, node: Any, axis: int) -> tuple[Node, int] | None:
+        """``(parameter, its axis)`` that ``node``'s ``axis`` is (see :meth:`parameter`)."""
+        while isinstance(node, Node) and node.op == "call_function" and self.ndim(node):
+            source, axis = node.args[0], axis % self.ndim(node)
+            if node.target in IDENTITY_LIKE:
+                pass
+            elif node.target in TRANSPOSES:
+                axis = _transposed_axis(node, axis, self.ndim(node))
+            elif node.target in UNIT_VIEWS:
+                axis = _unit_view_axis(self.shape(source), self.shape(node), axis)
+            else:
+                return None
+            if axis is None:
+                return None
+            node = source
+        return (node, axis) if isinstance(node, Node) and node.op == "get_attr" else None
 
     def record(self, key: DimKey, param: Node, axis: int, role: str, node: Node, activation: Node | None,
                block_axis: int | None = None) -> None:
         """``param``'s ``axis`` is in ``key``'s group, as ``role``; a weight computed by the graph
         (weight normalisation, an activation) freezes the group: only parameters are narrowed."""
         self.tie(key, self.dim(param, axis))
-        source = self.parameter(param)
-        if source is None:
+        found = self.parameter_axis(param, axis)
+        if found is None:
             self.freeze(key, f"{node.name} takes a computed {role} weight ({param.name}): only parameters are narrowed")
             return
+        source, axis = found
         use = Use(param=str(source.target), axis=axis, role=role, node=node.name, block_axis=block_axis)
         self.uses.append((key, use, None if activation is None else activation.name))
 
@@ -329,6 +348,28 @@ class Context:
                 self.tie(self.dim(x, a), self.dim(node, a))
             elif self.dim(node, a) not in self.split_index:
                 self.freeze(self.dim(node, a), f"split by {source.name}")
+
+
+def _transposed_axis(node: Node, axis: int, ndim: int) -> int:
+    """The input axis that a transpose or permutation puts at ``axis``."""
+    if "permute" in str(node.target):
+        return node.args[1][axis] % ndim
+    if "numpy_T" in str(node.target):
+        return ndim - 1 - axis
+    a, b = ((node.args[1], node.args[2]) if len(node.args) > 2 else (0, 1))
+    a, b = a % ndim, b % ndim
+    return b if axis == a else a if axis == b else axis
+
+
+def _unit_view_axis(before: tuple | None, after: tuple | None, axis: int) -> int | None:
+    """The input axis a view maps to ``axis``, where the view only adds or drops unit axes."""
+    if before is None or after is None or after[axis] == 1:
+        return None
+    kept_before = [i for i, size in enumerate(before) if size != 1]
+    kept_after = [i for i, size in enumerate(after) if size != 1]
+    if [before[i] for i in kept_before] != [after[i] for i in kept_after]:
+        return None
+    return kept_before[kept_after.index(axis)]
 
 
 def _size_key(size: Any) -> int | str:
