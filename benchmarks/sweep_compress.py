@@ -106,29 +106,36 @@ TIMM = {
         "regnetx_002", "dpn68", "rexnet_100", "densenet121", "convnext_atto", "poolformer_s12", "mobilevit_xxs",
         "edgenext_xx_small", "efficientvit_b0", "mambaout_femto", "nf_resnet26", "tinynet_a", "dla34",
         "ese_vovnet19b_dw", "cspresnet50", "repvgg_a0", "res2net50_14w_8s", "lambda_resnet26t", "repvit_m0_9",
-        "hgnetv2_b0", "fastvit_t8", "mobileone_s0", "gcresnet26ts", "seresnext26d_32x4d", "resnest14d",
+        "hgnetv2_b0", "fastvit_t8", "mobileone_s0", "gcresnext26ts", "seresnext26d_32x4d", "resnest14d",
         "convmixer_768_32", "inception_v3", "hrnet_w18_small", "ecaresnet26t", "selecsls42b", "xception41",
         "mixnet_s", "lcnet_050", "ghostnetv2_100", "convnextv2_atto", "efficientformerv2_s0", "tresnet_m",
-        "vgg11_bn", "rdnet_tiny", "starnet_s1", "mobilenetv4_conv_small")},
+        "vgg11_bn", "rdnet_tiny", "starnet_s1", "mobilenetv4_conv_small", "pvt_v2_b0", "davit_tiny")},
     **{name: {"img_size": 64} for name in (
         "vit_tiny_patch16_224", "deit_tiny_patch16_224", "cait_xxs24_224", "convit_tiny", "mixer_b16_224",
-        "resmlp_12_224", "xcit_nano_12_p16_224", "eva02_tiny_patch14_224", "pvt_v2_b0", "coat_lite_tiny",
+        "resmlp_12_224", "xcit_nano_12_p16_224", "eva02_tiny_patch14_224", "coat_lite_tiny",
         "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224", "crossvit_tiny_240", "pit_ti_224", "tnt_s_patch16_224",
-        "visformer_tiny", "gcvit_xxtiny", "davit_tiny", "maxvit_tiny_rw_224", "levit_128s", "beit_base_patch16_224",
+        "visformer_tiny", "gcvit_xxtiny", "maxvit_tiny_rw_224", "levit_128s", "beit_base_patch16_224",
         "volo_d1_224", "twins_svt_small", "sequencer2d_s", "efficientformer_l1", "nest_tiny", "vit_small_patch16_rope_224")},
 }
+
+
+#: Input sizes other than 64 px: windows, grids and fixed attention biases need their own.
+TIMM_SIZES = {"swin_tiny_patch4_window7_224": 224, "swinv2_cr_tiny_ns_224": 224, "crossvit_tiny_240": 240,
+              "maxvit_tiny_rw_224": 224, "davit_tiny": 224, "gcvit_xxtiny": 224, "nest_tiny": 224, "volo_d1_224": 224,
+              "efficientformerv2_s0": 224, "efficientformer_l1": 224, "inception_v3": 96}
 
 
 def timm_model(name: str, size: int = 64):
     import timm
 
     kwargs = dict(TIMM[name])
-    if "img_size" in kwargs:  # models that fix their size: windows and grids need a multiple of 32
-        kwargs["img_size"] = {"swin_tiny_patch4_window7_224": 224, "swinv2_cr_tiny_ns_224": 224,
-                              "crossvit_tiny_240": 240, "maxvit_tiny_rw_224": 224, "davit_tiny": 224,
-                              "gcvit_xxtiny": 224, "nest_tiny": 224, "volo_d1_224": 224}.get(name, size)
-        size = kwargs["img_size"]
+    size = TIMM_SIZES.get(name, size)
+    if "img_size" in kwargs:
+        kwargs["img_size"] = size
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    for module in model.modules():  # a classifier that starts at zero would make every output zero
+        if isinstance(module, torch.nn.Linear) and not module.weight.any():
+            torch.nn.init.normal_(module.weight, std=0.02)
     return model, [torch.randn(2, 3, size, size) for _ in range(2)]
 
 

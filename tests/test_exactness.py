@@ -200,6 +200,28 @@ NARROWABLE = {  # model, inputs, a group that must be compressible
 }
 
 
+class Normalised(nn.Module):
+    """``F.normalize`` over channels (XCiT), GRN's norms (ConvNeXt-V2), a channel norm as
+    ``GroupNorm(1, C)`` (PoolFormer), ``addcmul`` (ResMLP), upsampling, ``stack``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.norm, self.alpha, self.beta = nn.GroupNorm(1, 8), nn.Parameter(torch.rand(8, 1, 1)), nn.Parameter(
+            torch.randn(8, 1, 1))
+
+    def forward(self, x):
+        h = self.norm(self.a(x))
+        g = torch.nn.functional.normalize(self.b(h), dim=1)
+        g = torch.addcmul(self.beta, self.alpha, g) * torch.linalg.vector_norm(g, dim=(2, 3), keepdim=True)
+        both = torch.stack([h, g], dim=1).mean(1)
+        return self.c(torch.nn.functional.interpolate(both, scale_factor=2.0, mode="nearest"))
+
+
+NARROWABLE["normalize, group norm, addcmul, stack"] = (
+    Normalised, lambda: (torch.randn(2, 3, 4, 4, dtype=torch.float64),), "a")
+
+
 @pytest.mark.parametrize("case", sorted(NARROWABLE))
 def test_a_construct_real_zoos_use_narrows_exactly(case):
     model, inputs, name = NARROWABLE[case]

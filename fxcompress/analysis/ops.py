@@ -210,8 +210,17 @@ def layer_norm(ctx, node: Node) -> None:
 
 @op_rule(*_overloads("group_norm"))
 def group_norm(ctx, node: Node) -> None:
-    ctx.tie_all(node.args[0], node)
-    ctx.freeze(ctx.dim(node, 1), f"group norm {node.name} couples channels in groups")
+    """Channels normalised together in ``G`` groups (one group: a channel norm, as PoolFormer
+    uses): ``G`` blocks that narrow alike; the scale acts per channel, the shift as a bias."""
+    x, groups, weight, bias = node.args[0], node.args[1], arg(node, "weight"), arg(node, "bias")
+    ctx.tie_all(x, node)
+    ctx.effect(ctx.dim(node, 1), "normalizing", node)
+    if groups > 1:
+        ctx.cut_into_blocks(ctx.dim(node, 1), groups, f"{node.name} normalises them in {groups} groups")
+    if isinstance(weight, Node):
+        ctx.channel(node, 1, weight, 0, node)
+    if isinstance(bias, Node):
+        ctx.record(ctx.dim(node, 1), bias, 0, "producer", node, None)
 
 
 # -- attention and matrix products ------------------------------------------------------------
@@ -396,7 +405,8 @@ def getitem(ctx, node: Node) -> None:
 LINEAR_REDUCTIONS = _overloads("mean.dim", "sum.dim_IntList", "mean", "sum")
 
 
-@op_rule(*LINEAR_REDUCTIONS, *_overloads("amax", "amin", "var.correction", "std.correction"))
+@op_rule(*LINEAR_REDUCTIONS, *_overloads("amax", "amin", "var.correction", "std.correction", "linalg_vector_norm",
+                                         "norm.ScalarOpt_dim"))
 def reduce(ctx, node: Node) -> None:
     x = node.args[0]
     axes = arg(node, "dim")
@@ -413,6 +423,52 @@ def reduce(ctx, node: Node) -> None:
             ctx.tie(ctx.dim(x, a), ctx.dim(node, out_axis))
             ctx.effect(ctx.dim(node, out_axis), "linear" if linear else "channelwise", node)
             out_axis += 1
+
+
+@op_rule(*_overloads("addcmul"))
+def addcmul(ctx, node: Node) -> None:
+    """``input + value·t1·t2`` (timm's affine layers: ``addcmul(β, α, x)``): per channel; a
+    parameter added is a bias, one multiplied a per-channel scale."""
+    ctx.broadcast(node, [node.args[0]], param_role="producer")
+    ctx.broadcast(node, list(node.args[1:3]), param_role="channel")
+    ctx.effect_all(node, "channelwise")
+
+
+@op_rule(*_overloads("stack"))
+def stack(ctx, node: Node) -> None:
+    """Tensors of one shape side by side along a new axis: their axes are one another's; the
+    new axis (as many entries as tensors) stays."""
+    axis = arg(node, "dim", 0) % ctx.ndim(node)
+    for t in node.args[0]:
+        for a in range(ctx.ndim(t)):
+            ctx.tie(ctx.dim(t, a), ctx.dim(node, a if a < axis else a + 1))
+    ctx.freeze(ctx.dim(node, axis), f"{node.name} stacks {len(node.args[0])} tensors along it")
+
+
+@op_rule(*_overloads("repeat"))
+def repeat(ctx, node: Node) -> None:
+    """Tiling: the axes repeated once pass; a tiled axis is its input many times over, and stays."""
+    x, times = node.args[0], list(node.args[1])
+    lead = len(times) - ctx.ndim(x)
+    for a in range(ctx.ndim(x)):
+        if times[lead + a] == 1:
+            ctx.tie(ctx.dim(x, a), ctx.dim(node, lead + a))
+        else:
+            ctx.freeze(ctx.dim(x, a), f"{node.name} tiles this axis")
+            ctx.freeze(ctx.dim(node, lead + a), f"{node.name} tiles this axis")
+
+
+@op_rule(*_overloads("upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
+                     "upsample_bilinear2d.vec", "upsample_linear1d.vec", "upsample_trilinear3d.vec",
+                     "upsample_bicubic2d.vec", "_upsample_nearest_exact2d.vec", "upsample_nearest2d",
+                     "upsample_bilinear2d"))
+def upsample(ctx, node: Node) -> None:
+    """Resizing a feature map interpolates pixels, channel by channel: linear in the channels."""
+    x = node.args[0]
+    ctx.tie(ctx.dim(x, 0), ctx.dim(node, 0))
+    ctx.tie(ctx.dim(x, 1), ctx.dim(node, 1))
+    freeze_spatial(ctx, node, x)
+    ctx.effect(ctx.dim(node, 1), "linear", node)
 
 
 @op_rule(*_overloads("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d",
