@@ -37,6 +37,7 @@ from fxcompress.errors import FxCompressError
 aten = torch.ops.aten
 
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}  # padding="same" or "valid"
 NORMS = {aten.layer_norm.default, getattr(aten, "rms_norm", aten.layer_norm).default}
@@ -388,25 +389,41 @@ def _resize_constant(node: Node, axis: int, resize: Callable[[int], int | None])
         if isinstance(sizes[axis], int) and sizes[axis] > 0 and resize(sizes[axis]) is not None:
             sizes[axis] = resize(sizes[axis])
             node.args = (node.args[0], sizes, *node.args[2:])
-    elif node.target in CONVS and axis == 1 and 1 < arg(node, "groups", 1) == node.meta["val"].shape[1] \
-            and resize(arg(node, "groups")) is not None:
+    elif node.target in CONVS and axis == 1 and _depthwise(node) and resize(arg(node, "groups")) is not None:
         _set_arg(node, "groups", resize(arg(node, "groups")))  # depthwise: one group per channel
     elif node.target in NORMS and axis == node.meta["val"].ndim - 1 and resize(node.args[1][-1]) is not None:
         node.args = (node.args[0], [*node.args[1][:-1], resize(node.args[1][-1])], *node.args[2:])
 
 
+def _depthwise(node: Node) -> bool:
+    """A convolution with one group per channel, as captured (its parts, a concatenation's, may
+    then narrow one after another: each takes its share off ``groups``)."""
+    if "fxcompress.depthwise" not in node.meta:
+        node.meta["fxcompress.depthwise"] = 1 < arg(node, "groups", 1) == node.meta["val"].shape[1]
+    return node.meta["fxcompress.depthwise"]
+
+
 def _resize_splits(nodes: Mapping[str, Node], group: WidthGroup, k: int) -> None:
-    """A split whose output narrows becomes ``split_with_sizes`` with that part's size ``k``."""
+    """A split whose output narrows becomes ``split_with_sizes`` with that part's size ``k``; a
+    part that holds the group (a part concatenated again, MambaOut's) is narrower by as much."""
     for name, index in group.splits:
+        _resize_split_part(nodes[name], index, lambda size: size * k // group.size)  # the group, or one block of it
+    for name, axis, width in group.containers:
         node = nodes[name]
-        x, dim = node.args[0], arg(node, "dim", 0)
-        if node.target == aten.split_with_sizes.default:
-            sizes = list(node.args[1])
-        else:
-            sizes = [int(v.shape[dim]) for v in node.meta["val"]]
-        sizes[index] = sizes[index] * k // group.size  # the whole group, or one block of it (head by head)
-        node.target = aten.split_with_sizes.default
-        node.args, node.kwargs = (x, sizes, dim), {}
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node) \
+                and node.args[0].target in SPLITS:
+            _resize_split_part(node.args[0], node.args[1], lambda size: size - width + width * k // group.size)
+
+
+def _resize_split_part(node: Node, index: int, resize: Callable[[int], int]) -> None:
+    x, dim = node.args[0], arg(node, "dim", 0)
+    if node.target == aten.split_with_sizes.default:
+        sizes = list(node.args[1])
+    else:
+        sizes = [int(v.shape[dim]) for v in node.meta["val"]]
+    sizes[index] = resize(sizes[index])
+    node.target = aten.split_with_sizes.default
+    node.args, node.kwargs = (x, sizes, dim), {}
 
 
 def _keep_attention_scale(node: Node) -> None:

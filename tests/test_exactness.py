@@ -228,3 +228,51 @@ def test_a_construct_real_zoos_use_narrows_exactly(case):
     error, plan = _transformed_error(model(), *inputs())
     assert plan[name] in plan.compressible, plan[name]
     assert error < 1e-10, f"{case}: {error:.2e}\n{plan}"
+
+
+# -- constructs that once crashed compress or its result -----------------------------------------------
+class DepthwiseOnConcatenation(nn.Module):
+    """A depthwise convolution over a concatenation of two narrowed groups (GhostNet, EdgeNeXt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.dw, self.out = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.dw(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+RUNS = {  # model, inputs: compress narrows something, and the result runs and keeps its output shape
+    "depthwise on a concatenation": (DepthwiseOnConcatenation, lambda n: (torch.randn(n, 3, 6, 6),)),
+}
+
+
+
+class SplitPartConcatenated(nn.Module):
+    """A split whose first part is the other two concatenated again (MambaOut's gated convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.conv, self.fc2 = nn.Linear(8, 32), nn.Conv1d(6, 6, 3, padding=1, groups=6), nn.Linear(16, 4)
+
+    def forward(self, x):  # (B, L, 8)
+        g, i, c = torch.split(self.fc1(x), [16, 10, 6], dim=-1)
+        c = self.conv(c.transpose(1, 2)).transpose(1, 2)
+        return self.fc2(torch.relu(g) * torch.cat((i, c), dim=-1))
+
+
+RUNS["a split part concatenated again"] = (SplitPartConcatenated, lambda n: (torch.randn(n, 5, 8),))
+
+
+@pytest.mark.parametrize("case", sorted(RUNS))
+def test_the_compressed_module_runs(case):
+    model, inputs = RUNS[case]
+    torch.manual_seed(0)
+    model = model().eval()
+    result = fxcompress.compress(model, [inputs(16) for _ in range(2)],
+                                 fxcompress.CompressConfig(rule="fixed", ratio=0.5, round_to=1))
+    assert result.compressed, str(result)
+    x = inputs(3)
+    out = result.module(*x)
+    assert out.shape == model(*x).shape and bool(torch.isfinite(out).all())
