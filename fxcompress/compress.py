@@ -351,7 +351,7 @@ def _block(acc: CovarianceAccumulator, values: np.ndarray, k: int, transform: st
         weighted = top * np.sqrt(np.clip(values[:k], 0, None))
         _, pivots = scipy.linalg.qr(weighted.T, pivoting=True, mode="r")
         return Projection.select(np.sort(pivots[:k]), d).matrix
-    return torch.from_numpy(np.ascontiguousarray(top.T))
+    return torch.from_numpy(top.T.copy(order="C"))  # a copy: a one-row view may keep negative strides
 
 
 def _weight_norms(gm: GraphModule, group: WidthGroup) -> torch.Tensor:

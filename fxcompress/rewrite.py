@@ -337,21 +337,25 @@ def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor, s
             moved = moved[..., start:start + use.length]
         shift = (moved @ lost).reshape(moved.shape[0], -1).sum(dim=1)  # sums kernel taps (interior pixels)
     bias = _bias_of(node)
-    if isinstance(bias, Node):
+    if isinstance(bias, Node) and bias.op == "get_attr":
         old = _get(gm, bias.target)
         _set(gm, bias.target, (old.detach().to(torch.float64) + shift).to(old.dtype))
-    else:
-        _add_bias(gm, node, use.param, shift.to(_get(gm, use.param).dtype))
+    else:  # none, or one the graph computes (EVA-02's cat(q_bias, 0, v_bias)): a bias of its own, added after
+        _add_bias(gm, node, use.param, shift.to(_get(gm, use.param).dtype), after=bias is not None)
 
 
-def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor) -> None:
+def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor, after: bool = False) -> None:
+    """Give ``node`` the bias ``value``: as its bias argument, or (``after``, or a product without
+    one) added to its output, along the channel axis of a convolution, the last of others."""
     name = weight_name.rpartition(".")[0] + ".bias" if "." in weight_name else weight_name + "_bias"
     if _exists(gm, name):
-        raise RewriteError(f"cannot add a bias to {node.name}: {name} already exists")
+        name = _fresh_attribute(gm, name)
+    if after and node.target in CONVS:
+        value = value.reshape(-1, *[1] * (node.meta["val"].ndim - 2))
     _set(gm, name, value, parameter=True)
     with gm.graph.inserting_before(node):
         bias_node = gm.graph.get_attr(name)
-    if node.target not in BIASED:  # a product without a bias argument: add one after it
+    if after or node.target not in BIASED:  # a product without a bias argument: add one after it
         with gm.graph.inserting_after(node):
             added = gm.graph.call_function(aten.add.Tensor, (node, bias_node))
         node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
@@ -361,6 +365,13 @@ def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor
         args.append(None)
     args[2] = bias_node
     node.args = tuple(args)
+
+
+def _fresh_attribute(gm: GraphModule, name: str) -> str:
+    number = 1
+    while _exists(gm, f"{name}_{number}"):
+        number += 1
+    return f"{name}_{number}"
 
 
 def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:

@@ -2,6 +2,8 @@
 ``k = d`` transform of it changed the output. Each is the smallest model that shows it; the
 check is the rewrite with :func:`fxcompress.exact_transforms`, in float64."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -263,6 +265,36 @@ class SplitPartConcatenated(nn.Module):
 
 
 RUNS["a split part concatenated again"] = (SplitPartConcatenated, lambda n: (torch.randn(n, 5, 8),))
+
+
+class ComputedBias(nn.Module):
+    """A consumer whose bias the graph computes, ``cat(q_bias, zeros, v_bias)`` (EVA-02, SwinV2):
+    the mean a projection drops is folded into a bias added after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.qkv, self.out = nn.Linear(4, 8), nn.Linear(8, 24, bias=False), nn.Linear(24, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+        self.register_buffer("k_bias", torch.zeros(8))
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.out(torch.relu(nn.functional.linear(self.stem(x) + 3.0, self.qkv.weight, bias)))
+
+
+RUNS["a computed bias"] = (ComputedBias, lambda n: (torch.randn(n, 4),))
+
+
+def test_the_mean_a_projection_drops_is_folded_past_a_computed_bias():
+    torch.manual_seed(0)
+    model = ComputedBias().eval()
+    data = [torch.randn(64, 4) for _ in range(2)]
+    config = fxcompress.CompressConfig(rule="fixed", k=1, targets="stem", round_to=1, transform="projection")
+    folded = fxcompress.compress(model, data, config).module
+    unfolded = fxcompress.compress(model, data, dataclasses.replace(config, fold_mean=False)).module
+    x = torch.randn(256, 4)
+    error = lambda m: float((m(x) - model(x)).pow(2).mean().detach())  # noqa: E731
+    assert error(folded) < error(unfolded)
 
 
 @pytest.mark.parametrize("case", sorted(RUNS))
