@@ -71,6 +71,7 @@ def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any
     _restore_train_eval(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
+    _keep_tied_names(gm, model)
     gm.recompile()
     gm.eval()
     return gm
@@ -88,6 +89,36 @@ def own_weights(module: nn.Module, source: Any) -> None:
                     if id(tensor) not in copies:
                         copies[id(tensor)] = _copy_tensor(tensor)
                     store[key] = copies[id(tensor)]
+
+
+def _keep_tied_names(gm: GraphModule, model: Any) -> None:
+    """Export keeps one name of a tensor the model holds under several (an embedding tied to
+    its language-model head): the others come back as names of that same tensor, so every
+    state-dict key of the user's model is there, and the weights stay tied."""
+    if not isinstance(model, nn.Module):
+        return
+    names: dict[int, list[str]] = {}
+    for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), []).append(name)
+    held = dict((*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)))
+    for tied in names.values():
+        present = [name for name in tied if name in held]
+        for name in tied if len(tied) > 1 and present else ():
+            if name not in held:
+                _set_path(gm, name, held[present[0]])
+
+
+def _set_path(gm: GraphModule, name: str, tensor: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    owner: nn.Module = gm
+    for atom in path:
+        if not isinstance(getattr(owner, atom, None), nn.Module):
+            owner.add_module(atom, nn.Module())
+        owner = getattr(owner, atom)
+    if isinstance(tensor, nn.Parameter):
+        owner.register_parameter(leaf, tensor)
+    else:
+        owner.register_buffer(leaf, tensor)
 
 
 def written_attributes(gm: GraphModule) -> list[str]:

@@ -482,16 +482,28 @@ def _exists(gm: GraphModule, name: str) -> bool:
 
 
 def _set(gm: GraphModule, name: str, value: torch.Tensor, parameter: bool | None = None) -> None:
+    """Install ``value`` as ``name``, and as every other name of the tensor it replaces: a tied
+    weight (an embedding and its language-model head) stays one tensor, none left behind."""
     owner_name, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     old = getattr(owner, attr, None)
     as_parameter = isinstance(old, nn.Parameter) if parameter is None else parameter
     if as_parameter:
-        requires_grad = old.requires_grad if isinstance(old, nn.Parameter) else True
-        if attr in owner._parameters or old is None:
-            owner.register_parameter(attr, nn.Parameter(value, requires_grad=requires_grad))
+        value = nn.Parameter(value, requires_grad=old.requires_grad if isinstance(old, nn.Parameter) else True)
+    aliases = [n for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
+               if old is not None and t is old and n != name]
+    for target in (name, *aliases):
+        _install(gm, target, value, as_parameter)
+
+
+def _install(gm: GraphModule, name: str, value: torch.Tensor, as_parameter: bool) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if as_parameter:
+        if attr in owner._parameters or getattr(owner, attr, None) is None:
+            owner.register_parameter(attr, value)
         else:
-            setattr(owner, attr, nn.Parameter(value, requires_grad=requires_grad))
+            setattr(owner, attr, value)
     elif attr in owner._buffers:
         owner.register_buffer(attr, value)
     else:

@@ -518,3 +518,25 @@ def test_widths_narrow_only_the_named_groups_and_magnitude_keeps_the_heaviest_ch
         fxcompress.compress(model, [inputs(4)], CompressConfig(rule="fixed", widths={"nope": 2}))
     with pytest.raises(ConfigError, match="exactly one of"):
         CompressConfig(rule="fixed", ratio=0.5, widths={"fc_in": 2})
+
+
+@pytest.mark.parametrize("rule", ["keep-all", "fixed"])
+def test_tied_weights_keep_every_name_and_stay_one_tensor(rule):
+    """An embedding tied to its language-model head: export keeps one name of the tensor; the
+    result has the user's every key, one tensor behind them, and no dead full-size copy."""
+    import operator
+
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=32,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    batch = {"input_ids": torch.randint(0, 300, (2, 8))}
+    result = fxcompress.compress(model, [batch, batch], CompressConfig(rule=rule, **({"ratio": 0.5} if rule == "fixed" else {})))
+    state = result.module.state_dict()
+    assert set(model.state_dict()) <= set(state)
+    assert state["model.embed_tokens.weight"].data_ptr() == state["lm_head.weight"].data_ptr()
+    used = {id(operator.attrgetter(n.target)(result.module)) for n in result.module.graph.nodes if n.op == "get_attr"}
+    assert result.params_after == sum(p.numel() for p in result.module.parameters() if id(p) in used)
