@@ -8,6 +8,7 @@ kept its shape and stayed finite.
     python benchmarks/sweep_compress.py --models resnet18,bert
     python benchmarks/sweep_compress.py --models more        # nine further torchvision architectures
     python benchmarks/sweep_compress.py --models transformers  # eighteen further transformers families
+    python benchmarks/sweep_compress.py --models transformers2 # twenty-four more: MoE, state-space, recurrent, …
     python benchmarks/sweep_compress.py --models timm          # timm architectures nobody here wrote
     python benchmarks/sweep_compress.py --rules exact         # random exact transforms keep the function?
 """
@@ -79,8 +80,59 @@ TRANSFORMERS = {
     "whisper": ("WhisperForAudioClassification", "WhisperConfig", dict(d_model=128, encoder_layers=2,
                 encoder_attention_heads=4, encoder_ffn_dim=256, num_mel_bins=16, max_source_positions=50), "mel"),
 }
+#: Further transformers families (``--models transformers2``), each a construct the above lack:
+#: multi-query and parallel attention, packed projections cut by slices, state-space and
+#: recurrent mixers, funnel pooling, mixtures of experts, encoder-decoders returning the encoder.
+GQA = dict(num_key_value_heads=2, **DECODER)
+TRANSFORMERS_2 = {
+    "falcon": ("FalconForCausalLM", "FalconConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                         vocab_size=VOCAB), "ids"),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(n_embd=128, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                                                      n_positions=64), "ids"),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0, **GQA), "ids"),
+    "modernbert": ("ModernBertForSequenceClassification", "ModernBertConfig", dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2), "ids"),
+    "bart": ("BartForSequenceClassification", "BartConfig", dict(d_model=128, encoder_layers=2, decoder_layers=2,
+             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+             **TEXT), "ids_eos"),
+    "mamba": ("MambaForCausalLM", "MambaConfig", dict(hidden_size=64, state_size=8, num_hidden_layers=2,
+                                                      vocab_size=VOCAB), "ids"),
+    "rwkv": ("RwkvForCausalLM", "RwkvConfig", dict(hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+                                                   intermediate_size=128, vocab_size=VOCAB, context_length=64), "ids"),
+    "funnel": ("FunnelForSequenceClassification", "FunnelConfig", dict(d_model=128, n_head=4, d_head=32, d_inner=256,
+               block_sizes=[1, 1], vocab_size=VOCAB), "ids"),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, **GQA), "ids"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=64, shared_expert_intermediate_size=128, **GQA), "ids"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=32, **GQA), "ids"),
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", GQA, "ids"),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", GQA, "ids"),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", GQA, "ids"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32, **GQA), "ids"),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", GQA, "ids"),
+    "cohere": ("CohereForCausalLM", "CohereConfig", GQA, "ids"),
+    "xlm_roberta": ("XLMRobertaForSequenceClassification", "XLMRobertaConfig", dict(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **TEXT), "ids"),
+    "electra": ("ElectraForSequenceClassification", "ElectraConfig", dict(embedding_size=64, hidden_size=128,
+                num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, **TEXT), "ids"),
+    "mpnet": ("MPNetForSequenceClassification", "MPNetConfig", dict(hidden_size=128, num_hidden_layers=2,
+              num_attention_heads=4, intermediate_size=256, **TEXT), "ids"),
+    "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(n_embd=128, n_layer=2, n_head=4, rotary_dim=16, vocab_size=VOCAB,
+                                                   n_positions=64), "ids"),
+    "codegen": ("CodeGenForCausalLM", "CodeGenConfig", dict(n_embd=128, n_layer=2, n_head=4, rotary_dim=16,
+                                                            vocab_size=VOCAB, n_positions=64, n_ctx=64), "ids"),
+    "mobilebert": ("MobileBertForSequenceClassification", "MobileBertConfig", dict(
+        hidden_size=128, embedding_size=64, intra_bottleneck_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, true_hidden_size=64, **TEXT), "ids"),
+    "biogpt": ("BioGptForCausalLM", "BioGptConfig", dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=256, **TEXT), "ids"),
+}
+TRANSFORMERS.update(TRANSFORMERS_2)
 INPUTS = {
     "ids": lambda: {"input_ids": torch.randint(0, VOCAB, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)},
+    "ids_eos": lambda: {"input_ids": torch.cat([torch.randint(3, VOCAB, (4, 15)), torch.full((4, 1), 2)], 1),
+                        "attention_mask": torch.ones(4, 16, dtype=torch.long)},  # BART classifies at its last </s>
     "seq2seq": lambda: {**INPUTS["ids"](), "decoder_input_ids": torch.randint(0, VOCAB, (4, 8))},
     "pixels": lambda: {"pixel_values": torch.randn(4, 3, 64, 64)},
     "audio": lambda: {"input_values": torch.randn(4, 4000)},
@@ -151,11 +203,12 @@ MODELS = {
 #: gates, channel shuffle, layer scale, grouped convolutions, shifted windows, inception branches.
 MORE = ("mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "convnext_tiny", "regnet_y_400mf",
         "resnext50_32x4d", "googlenet", "squeezenet1_0", "swin_t")
-HF_MORE = tuple(name for name in TRANSFORMERS if name not in MODELS)
+HF_MORE = tuple(name for name in TRANSFORMERS if name not in MODELS and name not in TRANSFORMERS_2)
 SETS = {"default": ",".join(MODELS), "more": ",".join(MORE), "transformers": ",".join(HF_MORE),
+        "transformers2": ",".join(TRANSFORMERS_2),
         "timm": ",".join(f"timm/{name}" for name in TIMM)}
 MODELS.update({name: (lambda name=name: vision(name)) for name in MORE})
-MODELS.update({name: (lambda name=name: transformers_model(name)) for name in HF_MORE})
+MODELS.update({name: (lambda name=name: transformers_model(name)) for name in (*HF_MORE, *TRANSFORMERS_2)})
 MODELS.update({f"timm/{name}": (lambda name=name: timm_model(name)) for name in TIMM})
 
 
@@ -188,26 +241,49 @@ def run(name: str, rule: str) -> str:
 
 def exactness(name: str) -> str:
     """The largest relative output error, in float64, after a random ``k = d`` transform on
-    every group the plan marks exact (rounding alone: ~1e-15; a wrong group: order 1)."""
+    every group the plan marks exact (rounding alone: ~1e-15; a wrong group: order 1); for
+    token models, also at another sequence length than capture saw (or that it is refused)."""
     torch.manual_seed(0)
     model, batches = MODELS[name]()
-    model = model.double().eval()
-    args, kwargs = fxcompress.calibrate.as_call(batches[0])
-    args = tuple(a.double() if a.is_floating_point() else a for a in args)
-    kwargs = {k: v.double() if v.is_floating_point() else v for k, v in kwargs.items()}
+    dtype = torch.float32 if name in FLOAT32_ONLY else torch.float64
+    model = model.to(dtype).eval()
+    args, kwargs = _cast(batches[0], dtype)
     gm = fxcompress.capture(model, args, kwargs)
     plan = fxcompress.analyze_graph(gm)
     projections = fxcompress.exact_transforms(plan)
+    rewritten = fxcompress.rewrite(gm, plan, projections)
+    error = _relative_error(model, rewritten, args, kwargs)
+    other = ""
+    if "input_ids" in kwargs:
+        longer = {k: torch.cat([v, v[:, :8]], dim=1) for k, v in kwargs.items()}  # 24 tokens, where capture saw 16
+        try:
+            other = f"; 24 tokens {_relative_error(model, rewritten, (), longer):.1e}"
+        except fxcompress.DataError as exc:
+            other = f"; 24 tokens refused ({str(exc)[:40]}…)"
+    precision = " (float32)" if dtype == torch.float32 else ""
+    return f"| {name} | exact | {len(plan.groups)} | {len(projections)} transformed | | | | {error:.1e}{precision}{other} |"
+
+
+#: Models whose kernels take no float64 (grouped expert matmuls): checked in float32 (rounding ~1e-7).
+FLOAT32_ONLY = {"mixtral", "qwen2_moe"}
+
+
+def _cast(batch, dtype):
+    args, kwargs = fxcompress.calibrate.as_call(batch)
+    return (tuple(a.to(dtype) if a.is_floating_point() else a for a in args),
+            {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()})
+
+
+def _relative_error(model, rewritten, args, kwargs) -> float:
     with torch.no_grad():
-        ref, out = output(model(*args, **kwargs)), output(fxcompress.rewrite(gm, plan, projections)(*args, **kwargs))
-    error = float((out - ref).abs().max() / ref.abs().max())
-    return f"| {name} | exact | {len(plan.groups)} | {len(projections)} transformed | | | | {error:.1e} |"
+        ref, out = output(model(*args, **kwargs)), output(rewritten(*args, **kwargs))
+    return float((out - ref).abs().max() / ref.abs().max())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="default",
-                        help="names, or 'default', 'more', 'transformers', 'timm', 'all'")
+                        help="names, or 'default', 'more', 'transformers', 'transformers2', 'timm', 'all'")
     parser.add_argument("--rules", default="fixed,default", help="fixed, default, and exact (the check of "
                         "exactness(): random k = d transforms on every exact group, float64)")
     args = parser.parse_args()
