@@ -427,6 +427,9 @@ def _resize_splits(nodes: Mapping[str, Node], group: WidthGroup, k: int) -> None
 
 
 def _resize_split_part(node: Node, index: int, resize: Callable[[int], int]) -> None:
+    if node.target == aten.slice.Tensor:
+        _resize_slice(node, index, resize)
+        return
     x, dim = node.args[0], arg(node, "dim", 0)
     if node.target == aten.split_with_sizes.default:
         sizes = list(node.args[1])
@@ -435,6 +438,19 @@ def _resize_split_part(node: Node, index: int, resize: Callable[[int], int]) -> 
     sizes[index] = resize(sizes[index])
     node.target = aten.split_with_sizes.default
     node.args, node.kwargs = (x, sizes, dim), {}
+
+
+def _resize_slice(node: Node, index: int, resize: Callable[[int], int]) -> None:
+    """A slice is its axis in three parts (before, itself, after): one narrows, the bounds follow."""
+    if "fxcompress.parts" not in node.meta:
+        x, axis = node.args[0], arg(node, "dim", 0) % node.args[0].meta["val"].ndim
+        size = int(x.meta["val"].shape[axis])
+        start, stop, _ = slice(arg(node, "start"), arg(node, "end")).indices(size)
+        node.meta["fxcompress.parts"] = [start, max(start, stop) - start, size - max(start, stop)]
+    sizes = node.meta["fxcompress.parts"]
+    sizes[index] = resize(sizes[index])
+    _set_arg(node, "start", sizes[0])
+    _set_arg(node, "end", sizes[0] + sizes[1])
 
 
 def _keep_attention_scale(node: Node) -> None:

@@ -224,13 +224,6 @@ NARROWABLE["normalize, group norm, addcmul, stack"] = (
     Normalised, lambda: (torch.randn(2, 3, 4, 4, dtype=torch.float64),), "a")
 
 
-@pytest.mark.parametrize("case", sorted(NARROWABLE))
-def test_a_construct_real_zoos_use_narrows_exactly(case):
-    model, inputs, name = NARROWABLE[case]
-    error, plan = _transformed_error(model(), *inputs())
-    assert plan[name] in plan.compressible, plan[name]
-    assert error < 1e-10, f"{case}: {error:.2e}\n{plan}"
-
 
 # -- constructs that once crashed compress or its result -----------------------------------------------
 class DepthwiseOnConcatenation(nn.Module):
@@ -295,6 +288,31 @@ def test_the_mean_a_projection_drops_is_folded_past_a_computed_bias():
     x = torch.randn(256, 4)
     error = lambda m: float((m(x) - model(x)).pow(2).mean().detach())  # noqa: E731
     assert error(folded) < error(unfolded)
+
+
+
+class ChannelSlices(nn.Module):
+    """Channel slices (DPN's dual paths, a packed projection cut by slices as Phi-3 does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(4, 12), nn.Linear(5, 3), nn.Linear(7, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(self.b(h[:, :5]) + self.c(torch.relu(h[:, 5:])))
+
+
+NARROWABLE["channel slices"] = (ChannelSlices, lambda: (torch.randn(6, 4, dtype=torch.float64),), "a#1")
+RUNS["channel slices"] = (ChannelSlices, lambda n: (torch.randn(n, 4),))
+
+
+@pytest.mark.parametrize("case", sorted(NARROWABLE))
+def test_a_construct_real_zoos_use_narrows_exactly(case):
+    model, inputs, name = NARROWABLE[case]
+    error, plan = _transformed_error(model(), *inputs())
+    assert plan[name] in plan.compressible, plan[name]
+    assert error < 1e-10, f"{case}: {error:.2e}\n{plan}"
 
 
 @pytest.mark.parametrize("case", sorted(RUNS))

@@ -361,14 +361,28 @@ def index(ctx, node: Node) -> None:
 
 @op_rule(*_overloads("slice.Tensor"))
 def slice_(ctx, node: Node) -> None:
+    """A contiguous part of one axis is a part of it, as a split's outputs are; the other axes pass."""
     x = node.args[0]
     axis = arg(node, "dim", 0) % ctx.ndim(x)
     for a in range(ctx.ndim(x)):
         if a != axis or ctx.same_size(x, a, node, a):
             ctx.tie(ctx.dim(x, a), ctx.dim(node, a))
-        else:
-            ctx.freeze(ctx.dim(x, a), f"{node.name} slices part of this dim")
-            ctx.freeze(ctx.dim(node, a), f"{node.name} slices part of this dim")
+    if ctx.same_size(x, axis, node, axis):
+        return
+    size, start, end, step = ctx.size(x, axis), arg(node, "start"), arg(node, "end"), arg(node, "step", 1)
+    if isinstance(size, int) and isinstance(start, (int, type(None))) and isinstance(end, (int, type(None))) \
+            and step == 1:
+        start, end = _bounds(start, end, size)
+        ctx.slice_part(node, x, axis, start, end)
+        return
+    ctx.freeze(ctx.dim(x, axis), f"{node.name} slices part of this dim")
+    ctx.freeze(ctx.dim(node, axis), f"{node.name} slices part of this dim")
+
+
+def _bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """Python's slice bounds, clamped to the axis."""
+    begin, stop, _ = slice(start, end).indices(size)
+    return begin, max(begin, stop)
 
 
 @op_rule(*_overloads("cat"))

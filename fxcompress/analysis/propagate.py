@@ -44,6 +44,7 @@ class Context:
         self.grids: list[tuple[DimKey, DimKey, DimKey, DimKey, tuple[int, int, int], str]] = []
         self.segments: list[tuple[DimKey, list[tuple[DimKey, int, str]], str]] = []  # whole, parts, cat node
         self.split_index: dict[DimKey, tuple[str, int]] = {}  # a split output's axis → (split node, index)
+        self.rests: dict[DimKey, int] = {}  # what a slice leaves of an axis, before and after it: its size
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -333,6 +334,23 @@ class Context:
         for index, t in enumerate(parts):
             self.split_index[self.dim(t, axis)] = (node.name, index)
 
+    def slice_part(self, node: Node, x: Node, axis: int, start: int, end: int) -> None:
+        """``x[..., start:end]`` along ``axis`` cuts the axis in three: what lies before, the
+        slice, what lies after (channel slices of DPN and ReXNet, a packed projection cut by
+        slices). The rests are parts with no tensor of their own; another cut of the axis
+        (a second slice, a split) ties them to its parts."""
+        size = self.size(x, axis)
+        parts = []
+        for index, (key, length) in enumerate(((("slice:" + node.name + ":before", axis), start),
+                                              (self.dim(node, axis), end - start),
+                                              (("slice:" + node.name + ":after", axis), size - end))):
+            if index != 1:
+                self.rests[key] = length
+            self.split_index[key] = (node.name, index)
+            if length:
+                parts.append((key, length, node.name if index == 1 else x.name))
+        self.segments.append((self.dim(x, axis), parts, node.name))
+
     def take_split_output(self, node: Node) -> None:
         source = node.args[0]
         if not isinstance(source, Node) or source.name not in self.splits:
@@ -537,7 +555,7 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
             ctx.freeze(root, f"{node} concatenates an axis with itself")
             leaves = []
         keys = members[root] or [root]  # an axis that no op tied to another is its own only member
-        activations = [k for k in keys if not k[0].startswith("param:")]
+        activations = [k for k in keys if _is_activation(k)]
         width = sum(length for _, _, length, _ in leaves)
         blocks, why = cut.get(root, (1, None))
         frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
@@ -594,12 +612,12 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     by_role = {role: tuple(dict.fromkeys(u for u, _ in uses if u.role == role)) for role in ("producer", "consumer", "channel")}
     # the activation entering the first consumer; without consumers (attention's query and key),
     # the first producer's output; at the group's own width (not a repeated view of it)
-    width = {name: s for (name, _), s in key_sizes.items() if not name.startswith("param:")}
+    width = {name: s for (name, axis), s in key_sizes.items() if _is_activation((name, axis))}
     probes = [[a for u, a in uses if u.role == role and a is not None and width.get(a) == size]
               for role in ("consumer", "producer")]
     probe = min(probes[0] or probes[1], key=order.__getitem__) if any(probes) else None
     first = min(order.get(u.node, 0) for u, _ in uses)
-    activations = tuple(sorted((k for k in keys if not k[0].startswith("param:")), key=lambda k: (order.get(k[0], 0), k[1])))
+    activations = tuple(sorted((k for k in keys if _is_activation(k)), key=lambda k: (order.get(k[0], 0), k[1])))
     return first, WidthGroup(_name(by_role), size, by_role["producer"], by_role["consumer"], by_role["channel"],
                              passthrough, tuple(effects), probe, frozen, activations, count,
                              tuple(containers), tuple(ctx.split_index[k] for k in keys if k in ctx.split_index))
@@ -641,8 +659,15 @@ def _with_repeat(ctx: Context, use: Use, size: int) -> Use:
     return use if width == size else dataclasses.replace(use, repeat=width // size if width % size == 0 else 0)
 
 
+def _is_activation(key: DimKey) -> bool:
+    """An axis of a graph node (not a parameter's, nor the unnamed rest of an axis a slice cut)."""
+    return not key[0].startswith(("param:", "slice:"))
+
+
 def _key_size(ctx: Context, key: DimKey) -> int:
     name, axis = key
+    if key in ctx.rests:
+        return ctx.rests[key]
     if name.startswith("param:"):
         return int(operator.attrgetter(name[len("param:"):])(ctx.gm).shape[axis])
     size = ctx.size(ctx.nodes[name], axis)
