@@ -165,12 +165,21 @@ class _Slices:
 
     def __init__(self):
         self.changes: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        self.layout: dict[tuple[str, int], tuple[str, int]] = {}  # a bias made at its weight's width: its weight
 
     def offset(self, use: Use) -> int:
-        return use.offset + sum(delta for start, delta in self.changes.get((use.param, use.axis), []) if start < use.offset)
+        return use.offset + sum(delta for start, delta in self.changes.get(self._key(use), []) if start < use.offset)
 
     def narrowed(self, use: Use, k: int) -> None:
-        self.changes.setdefault((use.param, use.axis), []).append((use.offset, k - use.length))
+        if (use.param, use.axis) not in self.layout:  # an added bias narrows with its weight, recorded once
+            self.changes.setdefault((use.param, use.axis), []).append((use.offset, k - use.length))
+
+    def same_as(self, bias: Use, weight: Use) -> None:
+        """A bias a mean fold added lies as its weight's rows lie now (their earlier narrowing included)."""
+        self.layout.setdefault((bias.param, bias.axis), (weight.param, weight.axis))
+
+    def _key(self, use: Use) -> tuple[str, int]:
+        return self.layout.get((use.param, use.axis), (use.param, use.axis))
 
 
 def _check(plan: Plan, name: str, proj: Projection) -> WidthGroup:
@@ -208,7 +217,7 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices
             if (use.param, use.axis, use.offset) not in producers:
                 _fold_mean(gm, use, *_as_seen(p, mean, group, use), slices.offset(use))
     done: set[tuple[str, int, int]] = set()
-    for use in (*group.producers, *_added_biases(gm, group), *group.consumers, *group.channels):
+    for use in (*group.producers, *_added_biases(gm, group, slices), *group.consumers, *group.channels):
         if (use.param, use.axis, use.offset) in done:
             continue
         done.add((use.param, use.axis, use.offset))
@@ -257,8 +266,9 @@ def _bias_of(node: Node) -> object:
     return None
 
 
-def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
-    """Biases a mean fold gave to this group's producers after the plan was made."""
+def _added_biases(gm: GraphModule, group: WidthGroup, slices: _Slices) -> list[Use]:
+    """Biases a mean fold gave to this group's producers after the plan was made (at the width
+    their weights had then: ``slices`` learns that they lie as the weights do)."""
     known = {(u.param, u.offset) for u in group.producers}
     nodes = {n.name: n for n in gm.graph.nodes}
     extra = []
@@ -267,6 +277,7 @@ def _added_biases(gm: GraphModule, group: WidthGroup) -> list[Use]:
         bias = _bias_of(node) if node is not None and node.op == "call_function" else None
         if isinstance(bias, Node) and bias.op == "get_attr" and (bias.target, use.offset) not in known:
             extra.append(dataclasses.replace(use, param=bias.target, axis=0))
+            slices.same_as(extra[-1], use)
             known.add((bias.target, use.offset))
     return extra
 
@@ -380,7 +391,8 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
     for name, axis in group.activations:  # the whole, one block (a head), or repeated blocks: so many blocks
         _resize_constant(nodes[name], axis, lambda size: size // block * new_block if size % block == 0 else None)
     for name, axis, width in group.containers:  # concatenations the group lies in are narrower by as much
-        _resize_constant(nodes[name], axis, lambda size: size - width + width * k // group.size)
+        if name in nodes:
+            _resize_constant(nodes[name], axis, lambda size: size - width + width * k // group.size)
     _resize_splits(nodes, group, k)
     activations = set(group.activations)
     for node in nodes.values():
@@ -416,14 +428,23 @@ def _depthwise(node: Node) -> bool:
 
 def _resize_splits(nodes: Mapping[str, Node], group: WidthGroup, k: int) -> None:
     """A split whose output narrows becomes ``split_with_sizes`` with that part's size ``k``; a
-    part that holds the group (a part concatenated again, MambaOut's) is narrower by as much."""
+    part that holds the group (a part concatenated again, MambaOut's; a slice of a whole that
+    holds it, ReXNet's) is narrower by as much."""
     for name, index in group.splits:
         _resize_split_part(nodes[name], index, lambda size: size * k // group.size)  # the group, or one block of it
     for name, axis, width in group.containers:
+        resize = lambda size, width=width: size - width + width * k // group.size  # noqa: E731
+        if name.startswith("slice:"):  # what a slice leaves before or after it holds the group
+            _, sliced, where = name.split(":")
+            _resize_slice(nodes[sliced], 0 if where == "before" else 2, resize)
+            continue
         node = nodes[name]
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node) \
                 and node.args[0].target in SPLITS:
-            _resize_split_part(node.args[0], node.args[1], lambda size: size - width + width * k // group.size)
+            _resize_split_part(node.args[0], node.args[1], resize)
+        elif node.op == "call_function" and node.target == aten.slice.Tensor \
+                and axis == arg(node, "dim", 0) % node.meta["val"].ndim:  # a slice that holds the group
+            _resize_slice(node, 1, resize)
 
 
 def _resize_split_part(node: Node, index: int, resize: Callable[[int], int]) -> None:

@@ -110,6 +110,25 @@ CASES = {
 }
 
 
+class PartialResiduals(nn.Module):
+    """Residuals into the first channels of a wider output, twice in a row (ReXNet): slices of a
+    whole that holds narrowed groups, and the rests beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 12, 1), nn.Conv2d(12, 16, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(torch.relu(h))
+        y = torch.cat([y[:, :8] + h, y[:, 8:]], 1)
+        z = self.c(torch.relu(y))
+        return self.out(torch.cat([z[:, :12] + y, z[:, 12:]], 1))
+
+
+CASES["partial residuals"] = (PartialResiduals, lambda: (torch.randn(2, 3, 5, 5, dtype=torch.float64),))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_group_called_exact_is_exact(case):
     model, inputs = CASES[case]
@@ -314,6 +333,8 @@ def test_a_construct_real_zoos_use_narrows_exactly(case):
     assert plan[name] in plan.compressible, plan[name]
     assert error < 1e-10, f"{case}: {error:.2e}\n{plan}"
 
+
+RUNS["partial residuals"] = (PartialResiduals, lambda n: (torch.randn(n, 3, 5, 5),))
 
 @pytest.mark.parametrize("case", sorted(RUNS))
 def test_the_compressed_module_runs(case):

@@ -555,7 +555,7 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
             ctx.freeze(root, f"{node} concatenates an axis with itself")
             leaves = []
         keys = members[root] or [root]  # an axis that no op tied to another is its own only member
-        activations = [k for k in keys if _is_activation(k)]
+        activations = [k for k in keys if _is_activation(k) or k in ctx.rests]  # a slice's rest that holds it too
         width = sum(length for _, _, length, _ in leaves)
         blocks, why = cut.get(root, (1, None))
         frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
