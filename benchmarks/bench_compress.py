@@ -1,4 +1,5 @@
-"""Benchmark: fxcompress.compress of a BERT-base-sized model (12 layers × 768, random weights).
+"""Benchmark: fxcompress.compress of a BERT-base-sized model (12 layers × 768, random weights),
+or of a timm architecture at 64 px.
 
 Times each stage (capture, analysis, calibration, rank selection + eigenvectors, rewrite)
 on two small calibration batches, for a first call (which also pays one-time set-up: lazy
@@ -7,6 +8,7 @@ imports, torch.export's first trace) and a second one in the same process, then 
 
     python benchmarks/bench_compress.py [--batch 8 --tokens 64 --rule mp-hist]
     python benchmarks/bench_compress.py --batch 4 --tokens 32
+    python benchmarks/bench_compress.py --model timm/convnext_atto --batch 2   # 2 batches of 2 images, 64 px
 """
 
 from __future__ import annotations
@@ -30,14 +32,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rule", default="mp-hist")
+    parser.add_argument("--model", default="bert-base", help="bert-base, or timm/<name> (random weights, 64 px)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig()).eval()  # 12 × 768, 3072-wide FFN
-    batches = [{"input_ids": torch.randint(0, 30522, (args.batch, args.tokens)),
-                "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long)} for _ in range(2)]
+    model, batches, what = _model(args)
     config = fxcompress.CompressConfig(rule=args.rule)
-    print(f"BERT-base ({sum(p.numel() for p in model.parameters()):,} parameters), rule {args.rule}, "
-          f"2 batches of {args.batch}×{args.tokens} tokens, {torch.get_num_threads()} threads")
+    print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), rule {args.rule}, "
+          f"2 batches of {what}, {torch.get_num_threads()} threads")
     runs = [_stages(model, batches, config) for _ in range(2)]  # the first call also pays one-time set-up
     print(f"  {'stage':32s} {'first call':>10s} {'second':>8s}")
     for name in runs[0][0]:
@@ -50,6 +51,18 @@ def main() -> None:
     mib = sum(a.state_bytes() for blocks in accs.values() for a in blocks) / 2**20
     print(f"  covariance state: {len(accs)} groups, {mib:.0f} MiB (O(d²) per group, flat in the sample count)")
     print(f"  parameters after: {sum(p.numel() for p in module.parameters()):,}")
+
+
+def _model(args) -> tuple[torch.nn.Module, list, str]:
+    if args.model.startswith("timm/"):
+        import timm
+
+        model = timm.create_model(args.model[len("timm/"):], pretrained=False, num_classes=10).eval()
+        return model, [torch.randn(args.batch, 3, 64, 64) for _ in range(2)], f"{args.batch} images of 64 px"
+    model = BertForSequenceClassification(BertConfig()).eval()  # 12 × 768, 3072-wide FFN
+    batches = [{"input_ids": torch.randint(0, 30522, (args.batch, args.tokens)),
+                "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long)} for _ in range(2)]
+    return model, batches, f"{args.batch}×{args.tokens} tokens"
 
 
 def _stages(model, batches, config) -> tuple[dict[str, float], dict, torch.nn.Module]:
