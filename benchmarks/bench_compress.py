@@ -31,12 +31,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rule", default="mp-hist")
+    parser.add_argument("--rule", default="mp-hist", help="a rank-selection rule (fixed: ratio 0.5)")
     parser.add_argument("--model", default="bert-base", help="bert-base, or timm/<name> (random weights, 64 px)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, batches, what = _model(args)
-    config = fxcompress.CompressConfig(rule=args.rule)
+    config = fxcompress.CompressConfig(rule=args.rule, **({"ratio": 0.5} if args.rule == "fixed" else {}))
     print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), rule {args.rule}, "
           f"2 batches of {what}, {torch.get_num_threads()} threads")
     runs = [_stages(model, batches, config) for _ in range(2)]  # the first call also pays one-time set-up
