@@ -336,6 +336,41 @@ def test_a_construct_real_zoos_use_narrows_exactly(case):
 
 RUNS["partial residuals"] = (PartialResiduals, lambda n: (torch.randn(n, 3, 5, 5),))
 
+
+class WrittenOutAttention(nn.Module):
+    """Attention written out, query and key packed and taken apart by index (ConViT's GPSA,
+    TNT's inner attention): ``qk.reshape(B, N, 2, H, h)``, ``q, k = qk[0], qk[1]``."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads, self.qk, self.v, self.proj = heads, nn.Linear(dim, 2 * dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qk = self.qk(x).reshape(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = qk[0], qk[1]
+        v = self.v(x).reshape(b, n, self.heads, c // self.heads).permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1) * 0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_heads_of_attention_written_out_are_blocks_and_a_rotation_of_each_is_exact():
+    torch.manual_seed(0)
+    model = WrittenOutAttention().double().eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    gm = capture(model, (x,))
+    plan = analyze_graph(gm)
+    group = plan["qk"]
+    assert not group.frozen and group.blocks == 4 and group.size == 4 * 4, group
+    blocks = [torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0] for _ in range(4)]
+    projection = fxcompress.Projection(torch.block_diag(*blocks))  # q and k turned alike, head by head
+    with torch.no_grad():
+        assert torch.allclose(rewrite(gm, plan, {"qk": projection})(x), model(x), atol=1e-12)
+
+
+RUNS["attention written out"] = (WrittenOutAttention, lambda n: (torch.randn(n, 5, 16),))
+
+
 @pytest.mark.parametrize("case", sorted(RUNS))
 def test_the_compressed_module_runs(case):
     model, inputs = RUNS[case]

@@ -341,6 +341,7 @@ def select(ctx, node: Node) -> None:
     for out_axis, in_axis in enumerate(kept):
         ctx.tie(ctx.dim(x, in_axis), ctx.dim(node, out_axis))
     ctx.freeze(ctx.dim(x, axis), f"{node.name} selects one index of this dim")
+    ctx.picked.append(ctx.dim(x, axis))
 
 
 @op_rule(*_overloads("index.Tensor"))
@@ -407,6 +408,7 @@ def split(ctx, node: Node) -> None:
     ctx.record_split(node, x, axis)
     if "unbind" in str(node.target):
         ctx.freeze(ctx.dim(x, axis), f"unbound by {node.name}")
+        ctx.picked.append(ctx.dim(x, axis))
     else:
         ctx.split_into_parts(node, x, axis)
 

@@ -45,6 +45,7 @@ class Context:
         self.segments: list[tuple[DimKey, list[tuple[DimKey, int, str]], str]] = []  # whole, parts, cat node
         self.split_index: dict[DimKey, tuple[str, int]] = {}  # a split output's axis → (split node, index)
         self.rests: dict[DimKey, int] = {}  # what a slice leaves of an axis, before and after it: its size
+        self.picked: list[DimKey] = []  # axes taken apart entry by entry (select, unbind): parts, not heads
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -489,6 +490,7 @@ def _resolve_grids(ctx: Context) -> None:
     heads: dict[DimKey, set[DimKey]] = defaultdict(set)
     for key, axis in ctx.head_axes:
         heads[ctx.find(key)].add(ctx.find(axis))
+    picked = {ctx.find(key) for key in ctx.picked}
     for whole, first, second, part, (rows, columns, size), node in ctx.grids:
         found = heads[ctx.find(part)]
         if ctx.find(second) in found:  # (parts, heads, h)
@@ -496,6 +498,12 @@ def _resolve_grids(ctx: Context) -> None:
         elif ctx.find(first) in found:  # (heads, parts, h): the parts alternate head by head
             ctx.segments.append((whole, [(part, size, node)] * columns, node))
             ctx.cut_into_blocks(whole, rows, f"{node} splits it into {rows} heads")
+        elif ctx.find(first) in picked and ctx.find(second) not in picked and rows <= 3:
+            # query, key (and value) taken apart one by one, as attention written out does
+            # (``q, k = qk[0], qk[1]``; no output merges the heads back): (parts, heads, h)
+            ctx.segments.append((whole, [(part, columns * size, node)] * rows, node))
+            ctx.cut_into_blocks(part, columns, f"{node} views it as {rows} parts of {columns} heads")
+            ctx.block_widths[part] = size
         else:
             reason = f"{node} views it as a ({rows}, {columns}, {size}) grid, and no attention says which axis holds heads"
             ctx.freeze(whole, reason)
