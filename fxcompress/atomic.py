@@ -101,11 +101,11 @@ def _dead_writer(rest: str) -> bool:
     if not pid.isdigit():
         return False  # not one of ours
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(pid), 0)  # PermissionError: alive, another user's
     except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
         return True
-    except PermissionError:  # alive, another user's
-        return False
+    except PermissionError:
+        pass
     return False
 
 

@@ -64,10 +64,9 @@ def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any
     gm = program.module()
     gm = GraphModule(gm, copy.deepcopy(gm.graph), class_name=f"Captured{type(model).__name__}")
     _drop_guards(gm)
-    _check_constant_inputs(gm, args, kwargs)
-    _check_fixed_axes(gm, args, kwargs, dynamic_shapes(args, kwargs) is not None)
+    _guard_inputs(gm, args, kwargs, dynamic_shapes(args, kwargs) is not None)
     for name in written_attributes(gm):  # forward writes it: the user's tensor must not see that
-        _set_tensor(gm, name, _copy_tensor(operator.attrgetter(name)(gm)))
+        _set_path(gm, name, _copy_tensor(operator.attrgetter(name)(gm)))
     _restore_train_eval(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -109,6 +108,8 @@ def _keep_tied_names(gm: GraphModule, model: Any) -> None:
 
 
 def _set_path(gm: GraphModule, name: str, tensor: torch.Tensor) -> None:
+    """Register ``tensor`` (a parameter or a buffer, as it is) under ``name``, making the modules
+    on its path where there are none."""
     *path, leaf = name.split(".")
     owner: nn.Module = gm
     for atom in path:
@@ -117,8 +118,8 @@ def _set_path(gm: GraphModule, name: str, tensor: torch.Tensor) -> None:
         owner = getattr(owner, atom)
     if isinstance(tensor, nn.Parameter):
         owner.register_parameter(leaf, tensor)
-    else:
-        owner.register_buffer(leaf, tensor)
+    else:  # a buffer replaced keeps whether it is saved
+        owner.register_buffer(leaf, tensor, persistent=leaf not in owner._non_persistent_buffers_set)
 
 
 def written_attributes(gm: GraphModule) -> list[str]:
@@ -149,13 +150,6 @@ def state_kept(gm: GraphModule) -> Iterator[None]:
                 operator.attrgetter(name)(gm).copy_(value)
 
 
-def _set_tensor(gm: GraphModule, name: str, tensor: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    module = gm.get_submodule(owner)
-    store = module._parameters if leaf in module._parameters else module._buffers
-    store[leaf] = tensor
-
-
 @torch.fx.node.has_side_effect
 def check_constant_input(value: Any, expected: Any, name: str) -> None:
     """Refuse a call whose non-tensor input ``name`` differs from the value the graph was captured with."""
@@ -174,39 +168,33 @@ def check_axis_size(value: torch.Tensor, axis: int, expected: int, name: str) ->
                         f"Call it with {expected}, or capture (compress) with the size you need")
 
 
-def _check_fixed_axes(gm: GraphModule, args: tuple, kwargs: dict, dynamic: bool) -> None:
-    """Guard every axis that capture asked to keep free and export fixed all the same (the
-    model's code turned its size into a number): other sizes would compute something else."""
+def _guard_inputs(gm: GraphModule, args: tuple, kwargs: dict, dynamic: bool) -> None:
+    """Guard what export baked into the graph: every non-tensor input's value, and every axis
+    capture asked to keep free (``dynamic``) that export fixed all the same (the model's code
+    turned its size into a number). Other values or sizes would compute something else."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if not dynamic or len(leaves) != len(placeholders):
+    if not placeholders or len(leaves) != len(placeholders):
         return
     last = placeholders[-1]
     for node, value in zip(placeholders, leaves):
-        shape = getattr(node.meta.get("val"), "shape", None)
-        if not isinstance(value, torch.Tensor) or shape is None:
-            continue
-        for axis in _dynamic_axes(value):
-            if str(shape[axis]).isdigit():  # a number, not a symbol (a SymInt export replaced by one)
-                with gm.graph.inserting_after(last):
-                    last = gm.graph.call_function(check_axis_size, (node, axis, int(str(shape[axis])), node.name))
+        for guard in _guards(node, value, dynamic):
+            with gm.graph.inserting_after(last):
+                last = gm.graph.call_function(*guard)
 
 
-def _check_constant_inputs(gm: GraphModule, args: tuple, kwargs: dict) -> None:
-    """Guard every non-tensor input (export bakes its example value into the graph)."""
-    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(leaves) != len(placeholders):
-        return
-    last = placeholders[-1] if placeholders else None
-    for node, value in zip(placeholders, leaves):
-        if isinstance(value, torch.Tensor):
-            continue
+def _guards(node: Node, value: Any, dynamic: bool) -> list[tuple[Any, tuple]]:
+    """The checks one input needs: ``(function, args)`` for each."""
+    if not isinstance(value, torch.Tensor):
         if not isinstance(value, (bool, int, float, str, type(None))):
             raise CaptureError(f"input {node.name!r} is a {type(value).__name__}; fxcompress captures tensors and "
                                "plain values (numbers, flags, strings): pass it as one of those")
-        with gm.graph.inserting_after(last):
-            last = gm.graph.call_function(check_constant_input, (node, value, node.name))
+        return [(check_constant_input, (node, value, node.name))]
+    shape = getattr(node.meta.get("val"), "shape", None)
+    if not dynamic or shape is None:
+        return []
+    return [(check_axis_size, (node, axis, int(str(shape[axis])), node.name)) for axis in _dynamic_axes(value)
+            if str(shape[axis]).isdigit()]  # a number, not a symbol (a SymInt export replaced by one)
 
 
 def _copy_tensor(tensor: torch.Tensor) -> torch.Tensor:

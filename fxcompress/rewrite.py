@@ -527,8 +527,9 @@ def _set(gm: GraphModule, name: str, value: torch.Tensor, parameter: bool | None
     as_parameter = isinstance(old, nn.Parameter) if parameter is None else parameter
     if as_parameter:
         value = nn.Parameter(value, requires_grad=old.requires_grad if isinstance(old, nn.Parameter) else True)
-    aliases = [n for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
-               if old is not None and t is old and n != name]
+    held = () if old is None else (*gm.named_parameters(remove_duplicate=False),
+                                   *gm.named_buffers(remove_duplicate=False))
+    aliases = [n for n, t in held if t is old and n != name]
     for target in (name, *aliases):
         _install(gm, target, value, as_parameter)
 

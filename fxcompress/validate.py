@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -22,12 +23,17 @@ from fxcompress.errors import ConfigError
 
 def check_fields(config: Any) -> None:
     """Every field of the dataclass ``config`` must match its annotation; floats must not be NaN."""
-    hints = typing.get_type_hints(type(config))
+    hints = _hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if not _matches(value, hints[field.name]):
             raise ConfigError(f"{type(config).__name__}.{field.name} must be {_describe(hints[field.name])}, "
                               f"got {value!r} ({type(value).__name__})")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluated once per class: configs are built often (each RMT-KD round)
 
 
 def check_range(config: Any, name: str, low: float | None = None, high: float | None = None, *,
@@ -98,6 +104,4 @@ def _describe(hint: Any) -> str:
         return f"a tuple of {_describe(args[0])}"
     if origin in (collections.abc.Mapping, dict):
         return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    if hint is float:
-        return "float"
     return getattr(hint, "__name__", str(hint))

@@ -151,7 +151,7 @@ class Context:
         """The parameter (``get_attr``) that ``node`` is, or is a cast, a copy, a transpose or a
         view with unit axes added or dropped of (a layer scale ``γ.reshape(1, -1, 1, 1)``, a
         weight used as ``x @ W.T``); None for computed tensors."""
-        found = [self.parameter_axis(node, axis) for axis in range(self.ndim(node))]
+        found = (self.parameter_axis(node, axis) for axis in range(self.ndim(node)))
         return next((f[0] for f in found if f is not None), None)
 
     def parameter_axis(self, node: Any, axis: int) -> tuple[Node, int] | None:
@@ -548,11 +548,8 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
     """
     cuts: dict[DimKey, tuple[list[tuple[DimKey, int, str]], str]] = {}
     cut = {ctx.find(key): (count, why) for key, count, why in ctx.blocks}
-    for whole, parts, node in ctx.segments:
-        root = ctx.find(whole)
-        if root in cuts and [size for _, size, _ in cuts[root][0]] != [size for _, size, _ in parts]:
-            ctx.freeze(root, f"{node} and {cuts[root][1]} concatenate one axis in different ways")
-        cuts.setdefault(root, (parts, node))
+    for whole, parts, node in ctx.segments:  # cuts of one axis are one (see _tie_cuts): the first stands for all
+        cuts.setdefault(ctx.find(whole), (parts, node))
     uses_of: dict[DimKey, list[Use]] = defaultdict(list)
     for key, use, _ in ctx.uses:
         uses_of[ctx.find(key)].append(use)
