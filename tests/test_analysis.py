@@ -81,7 +81,7 @@ EXPECTED = {
                             ["layer.self_attn.out_proj.weight[1]"], [], ("selection", "projection")),
         "layer.self_attn#1": (16, ["layer.self_attn.in_proj_weight[0][0:16]", "layer.self_attn.in_proj_bias[0][0:16]",
                                    "layer.self_attn.in_proj_weight[0][16:32]", "layer.self_attn.in_proj_bias[0][16:32]"],
-                              [], [], ()),
+                              [], [], ("selection", "projection")),  # query and key turned alike: the scores stay
         "layer.linear1": (32, ["layer.linear1.weight[0]", "layer.linear1.bias[0]"], ["layer.linear2.weight[1]"], [],
                           ("selection",)),
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
@@ -90,8 +90,8 @@ EXPECTED = {
         "embed": (32, ["embed.weight[1]", "layers.0.o.weight[0]", "layers.1.o.weight[0]"],
                   [f"layers.{i}.{n}.weight[1]" for i in range(2) for n in "qkv"] + ["classifier.weight[1]"],
                   ["layers.0.norm.weight[0]", "layers.1.norm.weight[0]", "norm.weight[0]"], ()),  # RMSNorm: approximate
-        **{f"layers.{i}.q": (16, [f"layers.{i}.q.weight[0] (each block ×2)", f"layers.{i}.k.weight[0]"], [], [], ())
-           for i in range(2)},
+        **{f"layers.{i}.q": (16, [f"layers.{i}.q.weight[0] (each block ×2)", f"layers.{i}.k.weight[0]"], [], [],
+                             ("selection", "projection")) for i in range(2)},
         **{f"layers.{i}.v": (16, [f"layers.{i}.v.weight[0]"], [f"layers.{i}.o.weight[1] (each block ×2)"], [],
                              ("selection", "projection")) for i in range(2)},
         "classifier": (2, ["classifier.weight[0]", "classifier.bias[0]"], [], [], FROZEN),
@@ -111,10 +111,10 @@ EXPECTED = {
         "qkv.0": (16, [f"qkv.0.{w}[0][{s}] (block {g})" for s, g in (("16:24", 0), ("40:48", 1)) for w in ("weight", "bias")],
                   ["o.0.weight[1]"], [], ("selection", "projection")),  # GPT-NeoX's view (…, H, 3h), chunked: the value
         "qkv.0#1": (16, [f"qkv.0.{w}[0][{s}] (block {g})" for s, g in (("0:8", 0), ("24:32", 1), ("8:16", 0), ("32:40", 1))
-                         for w in ("weight", "bias")], [], [], ()),  # query and key
+                         for w in ("weight", "bias")], [], [], ("selection", "projection")),  # query and key
         "qkv.1": (16, [f"qkv.1.{w}[0][{s}] (block {g})" for s, g in (("0:8", 0), ("24:32", 1), ("8:16", 0), ("32:40", 1),
                                                                      ("16:24", 0), ("40:48", 1)) for w in ("weight", "bias")],
-                  ["o.1.weight[1]"], [], ()),  # BLOOM's view (…, H, 3, h), indexed: query, key and value
+                  ["o.1.weight[1]"], [], ("selection", "projection")),  # BLOOM's (…, H, 3, h), indexed: q, k and v
         "fc": (3, ["fc.weight[0]", "fc.bias[0]"], [], [], FROZEN),
     },
     "channel_shuffle": {  # the view that interleaves the concatenated parts freezes them, and the halves split off
@@ -176,7 +176,7 @@ def test_post_ln_transformer_groups():
         assert (qk.size, qk.blocks, qk.block_size) == (32, 4, 8) and (vo.size, vo.blocks) == (32, 4)
         assert [str(u) for u in qk.producers] == [f"layers.{i}.{n}.{w}[0]" for n in "qk" for w in ("weight", "bias")]
         assert qk.consumers == () and qk.probe is not None  # probed at the query projection's output
-        assert "attention" in qk.effects and qk.exact == ()
+        assert "attention" in qk.effects and qk.exact == ("selection", "projection")  # turned alike, it cancels
         assert [str(u) for u in vo.consumers] == [f"layers.{i}.o.weight[1]"]
         assert vo.exact == ("selection", "projection")
     assert not any(g.name.endswith(".o.in") or g.name.endswith(".k") for g in plan.groups)

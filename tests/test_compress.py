@@ -438,10 +438,17 @@ def test_transformers_models_compress(family):
     assert out.shape == model(**batches[0]).logits.shape and torch.isfinite(out).all()
     assert result.params_after < 0.7 * result.params_before
     assert caching() == cached and cached[0] is True  # capture switched caching off in its own copy only
-    if family == "llama":  # values and output projections narrow exactly, per key/value head; rotary query/key stay
-        values = [r for r in result.report if r.name.endswith("v_proj")]
+    if family == "llama":  # values and output projections narrow exactly, per key/value head; rotary query/key
+        values = [r for r in result.report if r.name.endswith("v_proj")]  # by frequency pairs, shared by the layers
         assert len(values) == 2 and all(r.k < r.d and r.exact for r in values)
-        assert all(r.frozen_by for r in result.report if r.name.endswith("q_proj"))
+        (rotary,) = [r for r in result.report if r.name.endswith("q_proj")]
+        assert rotary.d == 8 and not rotary.frozen_by  # 8 pairs: rounded to 8 they stay; round_to=1 narrows them
+        narrower = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5, round_to=1,
+                                                                      targets=(rotary.name,)))
+        weights = narrower.module.state_dict()
+        assert weights["model.rotary_emb.inv_freq"].shape == (4,)
+        assert weights["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 8, 64)  # 2 heads × 4 pairs × 2 halves
+        assert torch.isfinite(narrower.module(**batches[0]).logits).all()
 
 
 def test_fixed_ratio_is_honoured_with_fewer_samples_than_features():

@@ -142,11 +142,18 @@ def test_two_splits_of_one_axis_are_one_cut():
     assert "c.in" not in [g.name for g in plan.groups]  # r is p: the first half of a's output
 
 
-def test_an_axis_concatenated_in_different_places_freezes_every_part():
-    error, plan = _transformed_error(UnevenConcatenations(), torch.randn(5, 4, dtype=torch.float64))
-    for name in ("a", "b", "c", "d"):
-        assert any("cut one axis in different places" in r for r in plan[name].frozen_by), plan[name]
+def test_an_axis_concatenated_in_different_places_narrows_piece_by_piece():
+    """``cat([a(3), b(5)]) + cat([c(2), d(6)])``: the axis is cut at 2, 3 and 5; ``a`` is ``c``'s
+    piece and a piece of its own, ``d`` that piece and ``b``'s."""
+    model = UnevenConcatenations().double().eval()
+    error, plan = _transformed_error(model, torch.randn(5, 4, dtype=torch.float64))
     assert error < 1e-10
+    assert sorted(g.size for g in plan.compressible) == [1, 2, 5]
+    x = torch.randn(64, 4, dtype=torch.float64)
+    result = fxcompress.compress(model, [x], fxcompress.CompressConfig(rule="fixed", ratio=0.5, round_to=1))
+    weights = result.module.state_dict()
+    assert (weights["a.weight"].shape[0], weights["d.weight"].shape[0], weights["head.weight"].shape[1]) == (2, 3, 4)
+    assert result.module(x).shape == (64, 2)
 
 
 def test_softmax_acts_per_channel_on_its_other_axes():
@@ -382,3 +389,83 @@ def test_the_compressed_module_runs(case):
     x = inputs(3)
     out = result.module(*x)
     assert out.shape == model(*x).shape and bool(torch.isfinite(out).all())
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class RotaryLayer(nn.Module):
+    """Grouped-query attention with a rotary embedding, as Llama writes it (``rotate_half``)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
+        self.q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v = nn.Linear(dim, kv_heads * 8, bias=False)
+        self.o = nn.Linear(heads * 8, dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, s, -1, 8).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        repeat = self.heads // self.kv_heads
+        k = k[:, :, None].expand(b, self.kv_heads, repeat, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
+        v = v[:, :, None].expand(b, self.kv_heads, repeat, s, 8).reshape(b, self.heads, s, 8)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return x + self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class Rotary(nn.Module):
+    """Two layers that read one rotary table: its frequencies ``inv_freq`` are a buffer."""
+
+    def __init__(self, inv_freq: torch.Tensor | None = None, scale: float = 8 ** -0.5):
+        super().__init__()
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8) if inv_freq is None else inv_freq
+        self.register_buffer("inv_freq", inv_freq)
+        self.layers = nn.ModuleList(RotaryLayer(16, 4, 2, 2 * len(inv_freq), scale) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        freqs = torch.arange(x.shape[1], dtype=x.dtype)[:, None] * self.inv_freq[None]
+        table = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = table.cos(), table.sin()
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.head(x)
+
+
+CASES["rotary query and key"] = (Rotary, lambda: (torch.randn(2, 6, 16, dtype=torch.float64),))
+RUNS["rotary query and key"] = (Rotary, lambda n: (torch.randn(n, 6, 16),))
+
+
+def test_rotary_frequency_pairs_narrow_together_in_every_head_and_layer():
+    """Keeping frequencies {0, 2} of 4 keeps dims (0, 4) and (2, 6) of every query and key head
+    in both layers, and the table's frequencies 0 and 2: the module computes what attention
+    over those dims alone computes, at the old softmax scale."""
+    torch.manual_seed(0)
+    model = Rotary().double().eval()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    gm = capture(model, (x,))
+    plan = analyze_graph(gm)
+    (group,) = [g for g in plan.compressible if g.channels]
+    assert group.size == 4 and group.exact == ("selection",) and group.channels[0].param == "inv_freq", group
+    assert len(group.producers) == 2 * (4 + 2) * 2  # two layers, six heads of query or key, two halves each
+    keep = torch.tensor([0, 2])
+    reference = Rotary(model.inv_freq[keep], scale=8 ** -0.5).double().eval()
+    weights = model.state_dict()
+    for name, heads in (("q", 4), ("k", 2)):
+        rows = torch.cat([h * 8 + torch.cat([keep, keep + 4]) for h in range(heads)])
+        for layer in range(2):
+            weights[f"layers.{layer}.{name}.weight"] = weights[f"layers.{layer}.{name}.weight"][rows]
+    weights["inv_freq"] = model.inv_freq[keep]
+    reference.load_state_dict(weights)
+    narrowed = rewrite(gm, plan, {group.name: fxcompress.Projection.select(keep.numpy(), 4)})
+    with torch.no_grad():
+        assert torch.allclose(narrowed(x), reference(x), atol=1e-12)
+        assert not torch.allclose(narrowed(x), model(x), atol=1e-6)  # something was dropped
+    assert narrowed.state_dict()["inv_freq"].shape == (2,)

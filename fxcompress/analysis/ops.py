@@ -530,10 +530,13 @@ def _only_some_axes(ctx, node: Node, changed: set[int], effect: str, verb: str) 
 
 
 # -- ops that only read shapes or build index tensors -------------------------------------------
-@op_rule(*_overloads("sym_size.int", "sym_numel", "sym_stride.int", "size.int", "dim", "arange", "arange.start",
-                     "arange.start_step", "zeros", "ones", "full", "empty.memory_format", "scalar_tensor",
-                     "new_zeros", "new_ones", "new_full", "new_empty",  # a fresh tensor of given sizes
-                     "_assert_scalar", "_assert_tensor_metadata"))
+SIZE_READS = _overloads("sym_size.int", "sym_numel", "sym_stride.int", "size.int", "dim", "arange", "arange.start",
+                        "arange.start_step", "zeros", "ones", "full", "empty.memory_format", "scalar_tensor",
+                        "new_zeros", "new_ones", "new_full", "new_empty",  # a fresh tensor of given sizes
+                        "_assert_scalar", "_assert_tensor_metadata")
+
+
+@op_rule(*SIZE_READS)
 def shape_query(ctx, node: Node) -> None:
     """Reads sizes or builds fresh tensors: couples nothing."""
 

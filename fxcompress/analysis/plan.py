@@ -11,7 +11,8 @@ from typing import Any
 #: ``channelwise``: acts per channel (ReLU/GELU, BatchNorm, max-pooling, elementwise products),
 #:     so only index selection or consumer-side projection is exact;
 #: ``normalizing``: mixes the whole dim in a nonlinear way (LayerNorm, RMSNorm, softmax), exact for neither;
-#: ``attention``: the head dim of attention scores (the softmax scale depends on its size).
+#: ``attention``: the head dim that attention contracts query with key: a transform shared by
+#:     both sides cancels in the scores, and the rewrite keeps the softmax scale of the old width.
 EFFECTS = ("linear", "channelwise", "normalizing", "attention")
 
 
@@ -77,7 +78,7 @@ class WidthGroup:
     @property
     def exact(self) -> tuple[str, ...]:
         """Transforms that keep the function exact on this group (before any fine-tuning)."""
-        if self.frozen or "normalizing" in self.effects or "attention" in self.effects:
+        if self.frozen or "normalizing" in self.effects:
             return ()
         if "channelwise" in self.effects:
             return ("selection",)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcompress.analysis.ops import IDENTITY_LIKE, MODULE_RULES, OP_RULES, TRANSPOSES, UNIT_VIEWS
+from fxcompress.analysis.ops import IDENTITY_LIKE, MODULE_RULES, OP_RULES, SIZE_READS, TRANSPOSES, UNIT_VIEWS
 from fxcompress.analysis.plan import Plan, Use, WidthGroup
 from fxcompress.capture import capture
 
@@ -513,26 +513,65 @@ def _resolve_grids(ctx: Context) -> None:
 def _tie_cuts(ctx: Context) -> None:
     """Every cut of one axis is one cut. A second concatenation or split of an axis cut the same
     way (SelectiveKernel splits a stream twice; GhostNet adds two concatenations) ties its parts
-    to the first's, part by part; an axis cut in different places freezes every part of it.
-    Ties can make more wholes one, so this runs to a fixed point."""
+    to the first's, part by part. Cuts in different places (a packed projection taken apart by
+    three slices, each of which leaves the rest whole) are refined into one: the axis is cut at
+    every place any of them cuts it, and a part that spans several pieces is a concatenation of
+    them. Ties can make more wholes one, so this runs to a fixed point."""
     changed = True
     while changed:
-        changed, first = False, {}
-        for whole, parts, node in ctx.segments:
-            root = ctx.find(whole)
-            earlier, by = first.setdefault(root, (parts, node))
-            if earlier is parts:
+        changed = False
+        by_root: dict[DimKey, list[tuple]] = defaultdict(list)
+        for segment in ctx.segments:
+            by_root[ctx.find(segment[0])].append(segment)
+        for root, segments in by_root.items():
+            if len({tuple(size for _, size, _ in parts) for _, parts, _ in segments}) > 1:
+                changed |= _refine(ctx, root, segments)
                 continue
-            if [size for _, size, _ in earlier] != [size for _, size, _ in parts]:
-                reason = f"{node} and {by} cut one axis in different places"
-                for key, _, _ in (*earlier, *parts):
-                    if reason not in ctx.frozen.get(key, []):
-                        ctx.freeze(key, reason)
-                continue
-            for (a, _, _), (b, _, _) in zip(earlier, parts):
-                if ctx.find(a) != ctx.find(b):
-                    ctx.tie(a, b)
-                    changed = True
+            for _, parts, _ in segments[1:]:
+                for (a, _, _), (b, _, _) in zip(segments[0][1], parts):
+                    if ctx.find(a) != ctx.find(b):
+                        ctx.tie(a, b)
+                        changed = True
+
+
+def _refine(ctx: Context, root: DimKey, segments: list[tuple]) -> bool:
+    """Replace the cuts of one axis by the cut at all their places (see :func:`_tie_cuts`)."""
+    spans = [_spans(parts) for _, parts, _ in segments]
+    ends = {end for span in spans for _, end, _ in span}
+    if len({span[-1][1] for span in spans}) > 1 or any(ctx.find(key) == root for _, parts, _ in segments
+                                                        for key, _, _ in parts):
+        reason = f"{' and '.join(node for _, _, node in segments)} cut one axis in ways that do not add up"
+        for _, parts, _ in segments:
+            for key, _, _ in parts:
+                ctx.freeze(key, reason)
+        ctx.segments = [s for s in ctx.segments if all(s is not t for t in segments[1:])]
+        return False
+    bounds = sorted({0} | ends)
+    exact = {(start, end): (key, tensor) for span in spans for start, end, (key, tensor) in span}
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):  # a piece no cut has as a part of its own: a key of its own
+        key, tensor = exact.get((start, end), ((f"piece:{segments[0][2]}:{start}", root[1]), None))
+        ctx.rests.setdefault(key, end - start) if key[0].startswith("piece:") else None
+        pieces.append((start, end, key, tensor))
+    refined = [(segments[0][0], [(key, end - start, tensor) for start, end, key, tensor in pieces], segments[0][2])]
+    for (_, _, node), span in zip(segments, spans):
+        for start, end, (key, _) in span:
+            inside = [(k, e - s, t) for s, e, k, t in pieces if start <= s and e <= end]
+            if len(inside) == 1:
+                ctx.tie(key, inside[0][0])
+            else:  # the part is a concatenation of the pieces it spans
+                refined.append((key, inside, node))
+    ctx.segments = [s for s in ctx.segments if all(s is not t for t in segments)] + refined
+    return True
+
+
+def _spans(parts: list[tuple[DimKey, int, str]]) -> list[tuple[int, int, tuple[DimKey, str]]]:
+    """Each part of a cut with where it starts and ends."""
+    out, offset = [], 0
+    for key, size, tensor in parts:
+        out.append((offset, offset + size, (key, tensor)))
+        offset += size
+    return out
 
 
 def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> dict[DimKey, list[tuple[str, int, int]]]:
@@ -548,8 +587,12 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
     """
     cuts: dict[DimKey, tuple[list[tuple[DimKey, int, str]], str]] = {}
     cut = {ctx.find(key): (count, why) for key, count, why in ctx.blocks}
-    for whole, parts, node in ctx.segments:  # cuts of one axis are one (see _tie_cuts): the first stands for all
-        cuts.setdefault(ctx.find(whole), (parts, node))
+    data = _data_dependent(ctx.gm)
+    for whole, parts, node in ctx.segments:  # cuts of one axis are one (see _tie_cuts): the first stands for all,
+        # the first of the model's data (not of a table computed from positions) where there is one: it is probed
+        known = cuts.get(ctx.find(whole))
+        if known is None or not _of_data(known[0], data) and _of_data(parts, data):
+            cuts[ctx.find(whole)] = (parts, node)
     uses_of: dict[DimKey, list[Use]] = defaultdict(list)
     for key, use, _ in ctx.uses:
         uses_of[ctx.find(key)].append(use)
@@ -560,30 +603,69 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
             ctx.freeze(root, f"{node} concatenates an axis with itself")
             leaves = []
         keys = members[root] or [root]  # an axis that no op tied to another is its own only member
-        activations = [k for k in keys if _is_activation(k) or k in ctx.rests]  # a slice's rest that holds it too
+        activations = [k for k in keys if _is_activation(k) or k[0].startswith("slice:")]  # a slice's rest holds it too
         width = sum(length for _, _, length, _ in leaves)
         blocks, why = cut.get(root, (1, None))
         frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
-        if blocks > 1 and width * blocks != max((_key_size(ctx, k) for k in keys), default=-1):
+        counts = {_extent(ctx, use) // width if width and _extent(ctx, use) % width == 0 else 0 for use in uses_of[root]}
+        tiled = counts <= {blocks} and width * blocks == max((_key_size(ctx, k) for k in keys), default=-1)
+        shared = {part for part, _, length, _ in leaves
+                  if blocks > 1 and 0 not in counts and (not tiled or _shared(ctx, part, length, uses_of))}
+        if blocks > 1 and not tiled and len(shared) < len({part for part, _, _, _ in leaves}):
             frozen = frozen or [f"{node}'s output is cut into blocks ({why}) that its parts do not tile"]
-            blocks = 1
-        elif blocks > 1:  # each part is as many blocks as the whole, one in each of its slices
-            for part, _, length, _ in leaves:
+            blocks, shared = 1, set()
+        for part, _, length, _ in leaves:
+            if blocks > 1 and part not in shared:  # each part is as many blocks as the whole, one in each of its slices
                 ctx.cut_into_blocks(part, blocks, f"{node} takes it from each of {blocks} heads ({why})")
                 ctx.block_widths[part] = length
         effects = [e for k in keys for e in ctx.effects.get(k, [])]
         for part, offset, length, tensor in leaves:
             # probed at the part itself: where it enters a concatenation, or leaves a split
-            for block in range(blocks):
-                for use in uses_of[root]:
+            copies = {use: _extent(ctx, use) // width if part in shared else blocks for use in uses_of[root]}
+            for block in range(max(copies.values(), default=0)):
+                for use in (use for use in uses_of[root] if block < copies[use]):
                     sliced = dataclasses.replace(use, offset=use.offset + block * width + offset, length=length,
-                                                 block=block if blocks > 1 else None)
+                                                 block=block if blocks > 1 and part not in shared else None)
                     ctx.uses.append((part, sliced, tensor if use.role != "channel" else None))
             ctx.effects[part].extend(effects)
             ctx.frozen[part].extend(f"lies in {node}'s output, which is frozen: {r}" for r in dict.fromkeys(frozen))
             containers[part].extend((name, axis, length) for name, axis in activations  # once per block it lies in
                                     for _ in range(max(_key_size(ctx, (name, axis)) // width, 1)))
     return containers
+
+
+def _data_dependent(gm: GraphModule) -> set[str]:
+    """The nodes whose values depend on the model's input values (not only on their sizes)."""
+    data: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or node.op in ("call_function", "call_module") and node.target not in SIZE_READS \
+                and any(n.name in data for n in node.all_input_nodes):
+            data.add(node.name)
+    return data
+
+
+def _of_data(parts: list[tuple[DimKey, int, str]], data: set[str]) -> bool:
+    return all(tensor in data for _, _, tensor in parts)
+
+
+def _extent(ctx: Context, use: Use) -> int:
+    """How much of its parameter's axis ``use`` covers (a BatchNorm's: its channels)."""
+    if use.length is not None:
+        return use.length
+    value = operator.attrgetter(use.param)(ctx.gm)
+    return int(value.shape[use.axis]) if isinstance(value, torch.Tensor) else int(value.num_features)
+
+
+def _shared(ctx: Context, part: DimKey, length: int, uses_of: dict[DimKey, list[Use]]) -> bool:
+    """Whether a part of a whole cut into heads must take one transform in every head: a
+    parameter as wide as one head's part acts on every head alike (a rotary table's
+    frequencies ``inv_freq``, broadcast over the heads). The whole's producers are then cut
+    into as many heads as each holds, and every slice takes the part's one transform; so
+    are they where the heads differ in number (query and key heads in grouped-query
+    attention). A rotary embedding's two halves are such a part, tied to each other by
+    ``rotate_half``'s concatenation: the frequency pairs ``(i, i + h/2)`` are kept or
+    dropped together, in every head and every layer that reads the table."""
+    return any(_extent(ctx, use) == length for use in uses_of[ctx.find(part)])
 
 
 def _leaves(ctx: Context, root: DimKey, cuts: dict, seen: tuple) -> list[tuple[DimKey, int, int, str]] | None:
@@ -665,8 +747,8 @@ def _with_repeat(ctx: Context, use: Use, size: int) -> Use:
 
 
 def _is_activation(key: DimKey) -> bool:
-    """An axis of a graph node (not a parameter's, nor the unnamed rest of an axis a slice cut)."""
-    return not key[0].startswith(("param:", "slice:"))
+    """An axis of a graph node (not a parameter's, nor an unnamed rest or piece of a cut axis)."""
+    return not key[0].startswith(("param:", "slice:", "piece:"))
 
 
 def _key_size(ctx: Context, key: DimKey) -> int:
