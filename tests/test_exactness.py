@@ -129,14 +129,6 @@ class PartialResiduals(nn.Module):
 CASES["partial residuals"] = (PartialResiduals, lambda: (torch.randn(2, 3, 5, 5, dtype=torch.float64),))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_every_group_called_exact_is_exact(case):
-    model, inputs = CASES[case]
-    error, plan = _transformed_error(model(), *inputs())
-    assert plan.compressible, "the case must leave something to transform"
-    assert error < 1e-10, f"{case}: a k = d transform of the exact groups moved the output by {error:.2e}\n{plan}"
-
-
 def test_two_splits_of_one_axis_are_one_cut():
     _, plan = _transformed_error(TwoSplits(), torch.randn(5, 4, dtype=torch.float64))
     assert "c.in" not in [g.name for g in plan.groups]  # r is p: the first half of a's output
@@ -378,19 +370,6 @@ def test_heads_of_attention_written_out_are_blocks_and_a_rotation_of_each_is_exa
 RUNS["attention written out"] = (WrittenOutAttention, lambda n: (torch.randn(n, 5, 16),))
 
 
-@pytest.mark.parametrize("case", sorted(RUNS))
-def test_the_compressed_module_runs(case):
-    model, inputs = RUNS[case]
-    torch.manual_seed(0)
-    model = model().eval()
-    result = fxcompress.compress(model, [inputs(16) for _ in range(2)],
-                                 fxcompress.CompressConfig(rule="fixed", ratio=0.5, round_to=1))
-    assert result.compressed, str(result)
-    x = inputs(3)
-    out = result.module(*x)
-    assert out.shape == model(*x).shape and bool(torch.isfinite(out).all())
-
-
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -469,3 +448,47 @@ def test_rotary_frequency_pairs_narrow_together_in_every_head_and_layer():
         assert torch.allclose(narrowed(x), reference(x), atol=1e-12)
         assert not torch.allclose(narrowed(x), model(x), atol=1e-6)  # something was dropped
     assert narrowed.state_dict()["inv_freq"].shape == (2,)
+
+
+class EinsumLayers(nn.Module):
+    """A weight applied by einsum, and attention written as einsums (``...`` included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.q, self.k, self.o = nn.Parameter(torch.randn(8, 6)), nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(torch.einsum("bsd,df->bsf", x, self.w))
+        scores = torch.einsum("...qd,...kd->...qk", self.q(h), self.k(h)).softmax(-1)
+        return self.o(torch.einsum("bqk,bkd->bqd", scores, self.q(h)))
+
+
+CASES["einsum"] = (EinsumLayers, lambda: (torch.randn(2, 5, 8, dtype=torch.float64),))
+RUNS["einsum"] = (EinsumLayers, lambda n: (torch.randn(n, 5, 8),))
+
+
+def test_einsum_applies_a_weight_as_a_linear_layer_and_ties_letters():
+    _, plan = _transformed_error(EinsumLayers(), torch.randn(2, 5, 8, dtype=torch.float64))
+    assert plan["w"].exact == ("selection",) and [str(u) for u in plan["w"].producers] == ["w[1]"]
+    assert {u.param for u in plan["q"].producers} == {"q.weight", "q.bias", "k.weight", "k.bias"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_group_called_exact_is_exact(case):
+    model, inputs = CASES[case]
+    error, plan = _transformed_error(model(), *inputs())
+    assert plan.compressible, "the case must leave something to transform"
+    assert error < 1e-10, f"{case}: a k = d transform of the exact groups moved the output by {error:.2e}\n{plan}"
+
+
+@pytest.mark.parametrize("case", sorted(RUNS))
+def test_the_compressed_module_runs(case):
+    model, inputs = RUNS[case]
+    torch.manual_seed(0)
+    model = model().eval()
+    result = fxcompress.compress(model, [inputs(16) for _ in range(2)],
+                                 fxcompress.CompressConfig(rule="fixed", ratio=0.5, round_to=1))
+    assert result.compressed, str(result)
+    x = inputs(3)
+    out = result.module(*x)
+    assert out.shape == model(*x).shape and bool(torch.isfinite(out).all())

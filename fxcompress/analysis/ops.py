@@ -286,6 +286,56 @@ def _matmul(ctx, node: Node, a: Node, b: Node) -> None:
     ctx.effect(ctx.dim(node, -1), "linear", node)
 
 
+@op_rule(*_overloads("einsum"))
+def einsum(ctx, node: Node) -> None:
+    """An axis is its letter: every axis of one letter is one dim (a letter of size 1 broadcasts).
+    ``x`` times a 2-d parameter along ``x``'s last letter (``bsd,df->bsf``) is a linear layer;
+    otherwise a letter summed over is normalised (one operand) or contracted (channelwise, as
+    :func:`matmul` has it), a letter kept from one operand passes linearly, and one kept
+    from several is a product entry by entry (channelwise)."""
+    equation, operands = node.args[0].replace(" ", ""), list(node.args[1])
+    inputs, _, output = equation.partition("->")
+    subscripts = [_letters(term, ctx.ndim(t)) for term, t in zip(inputs.split(","), operands)]
+    if not output and "->" not in equation or any(s is None or len(set(s)) != len(s) for s in subscripts):
+        for t in (*operands, node):  # an implicit output or a diagonal (``ii->i``): no rule
+            ctx.freeze_all(t, f"{node.name} (einsum {equation!r}) has no width rule")
+        return
+    out = _letters(output, ctx.ndim(node))
+    if len(operands) == 2 and ctx.ndim(operands[1]) == 2 and ctx.parameter(operands[1]) is not None \
+            and _as_linear(subscripts, out):
+        x, weight = operands
+        ctx.tie_leading(x, node, ctx.ndim(node) - 1)
+        ctx.consume(x, -1, weight, subscripts[1].index(subscripts[0][-1]), node)
+        ctx.produce(node, -1, weight, subscripts[1].index(out[-1]), None)
+        return
+    for letter in dict.fromkeys(l for s in (*subscripts, out) for l in s):
+        axes = [(t, s.index(letter)) for t, s in zip([*operands, node], [*subscripts, out]) if letter in s]
+        size = max((ctx.size(t, a) for t, a in axes), key=lambda v: v != 1)
+        keys = [ctx.dim(t, a) for t, a in axes if ctx.size(t, a) == size and size != 1]
+        for key in keys[1:]:
+            ctx.tie(keys[0], key)
+        readers = sum(letter in s for s in subscripts)
+        effect = ("normalizing" if readers == 1 else "channelwise") if letter not in out else \
+            ("linear" if readers == 1 else "channelwise")
+        ctx.effect(keys[0] if keys else None, effect, node)
+
+
+def _letters(term: str, ndim: int) -> list[str] | None:
+    """The letters of one einsum term, ``...`` spelled out as one symbol per axis it stands for."""
+    head, dots, tail = term.partition("...")
+    if not dots:
+        return list(term) if len(term) == ndim else None
+    count = ndim - len(head) - len(tail)
+    return None if count < 0 else [*head, *(f"...{i}" for i in range(count, 0, -1)), *tail]
+
+
+def _as_linear(subscripts: list[list[str]], out: list[str]) -> bool:
+    """``…i, io -> …o`` (or ``oi``): the activation's last letter contracted with the weight's."""
+    x, w = subscripts
+    return bool(out) and x[-1] in w and out[-1] in w and x[-1] != out[-1] and out[:-1] == x[:-1] \
+        and x[-1] not in out
+
+
 @op_rule(*_overloads("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))
 def softmax(ctx, node: Node) -> None:
     """Normalises along its axis; along every other axis it acts entry by entry, nonlinearly:
