@@ -418,6 +418,36 @@ class Rotary(nn.Module):
         return self.head(x)
 
 
+class PackedRotaryLayer(RotaryLayer):
+    """Query, key and value packed in one projection and sliced apart (Phi-3); the rotary
+    embedding covers the whole head, so the pass-through part it cuts off is empty."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.qkv = nn.Linear(16, self.q.out_features + self.k.out_features + self.v.out_features, bias=False)
+        del self.q, self.k, self.v
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv[..., :32], qkv[..., 32:48], qkv[..., 48:]
+        q, k, v = (t.view(b, s, -1, 8).transpose(1, 2) for t in (q, k, v))
+        rotated = [torch.cat([t[..., :8] * cos + _rotate_half(t[..., :8]) * sin, t[..., 8:]], dim=-1) for t in (q, k)]
+        q, k = rotated
+        k = k[:, :, None].expand(b, 2, 2, s, 8).reshape(b, 4, s, 8)
+        v = v[:, :, None].expand(b, 2, 2, s, 8).reshape(b, 4, s, 8)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class PackedRotary(Rotary):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(PackedRotaryLayer(16, 4, 2, 8, 1.0) for _ in range(2))
+
+
+CASES["rotary in a packed projection"] = (PackedRotary, lambda: (torch.randn(2, 6, 16, dtype=torch.float64),))
+RUNS["rotary in a packed projection"] = (PackedRotary, lambda n: (torch.randn(n, 6, 16),))
 CASES["rotary query and key"] = (Rotary, lambda: (torch.randn(2, 6, 16, dtype=torch.float64),))
 RUNS["rotary query and key"] = (Rotary, lambda n: (torch.randn(n, 6, 16),))
 

@@ -46,6 +46,7 @@ class Context:
         self.split_index: dict[DimKey, tuple[str, int]] = {}  # a split output's axis → (split node, index)
         self.rests: dict[DimKey, int] = {}  # what a slice leaves of an axis, before and after it: its size
         self.picked: list[DimKey] = []  # axes taken apart entry by entry (select, unbind): parts, not heads
+        self.repeated: set[DimKey] = set()  # parts that a whole holds once per head (see _leaves)
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -600,8 +601,13 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
     for root, (_, node) in cuts.items():
         leaves = _leaves(ctx, root, cuts, ())
         if leaves is None:
-            ctx.freeze(root, f"{node} concatenates an axis with itself")
+            reason = f"{node} concatenates an axis with itself, or into parts that do not add up to it"
+            for key in (root, *(key for key, _, _ in cuts[root][0])):
+                ctx.freeze(key, reason)
             leaves = []
+        for part, _, length, _ in leaves:  # a part once per head takes one transform in all: only a table's
+            if part in ctx.repeated and not _shared(ctx, part, length, uses_of):
+                ctx.freeze(part, f"{node} holds it once per head, and no table it reads says they narrow alike")
         keys = members[root] or [root]  # an axis that no op tied to another is its own only member
         activations = [k for k in keys if _is_activation(k) or k[0].startswith("slice:")]  # a slice's rest holds it too
         width = sum(length for _, _, length, _ in leaves)
@@ -675,10 +681,16 @@ def _leaves(ctx: Context, root: DimKey, cuts: dict, seen: tuple) -> list[tuple[D
     out, offset = [], 0
     for key, size, tensor in cuts[root][0]:
         part = ctx.find(key)
+        if not size:  # an empty part (a rotary embedding's pass-through where it covers the head) holds nothing
+            continue
         inner = _leaves(ctx, part, cuts, (*seen, root)) if part in cuts else [(part, 0, size, tensor)]
-        if inner is None:
+        width = sum(length for _, _, length, _ in inner or [])
+        if inner is None or not width or size % width:
             return None
-        out += [(leaf, offset + start, length, name) for leaf, start, length, name in inner]
+        if size > width:  # the part is its cut once per head (a packed projection's query, cut by a rotary table)
+            ctx.repeated.update(leaf for leaf, _, _, _ in inner)
+        out += [(leaf, offset + copy * width + start, length, name) for copy in range(size // width)
+                for leaf, start, length, name in inner]
         offset += size
     return out
 
