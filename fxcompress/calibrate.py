@@ -71,7 +71,7 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
     every rank holds the same covariances (and picks the same widths) as one process would.
     """
     rank, world = distributed_rank()
-    probes = list(dict.fromkeys(g.probe for g in groups))
+    probes = list(dict.fromkeys([g.probe for g in groups] + [g.routing for g in groups if g.routing]))
     pm = probe_module(gm, probes)
     accs: dict[str, CovarianceAccumulator] = {}
     first, batches = None, 0
@@ -89,7 +89,10 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
             args, kwargs = as_call(batch)
             values = dict(zip(probes, pm(*args, **kwargs)))
             for group in groups:
-                _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples, index)
+                if group.routing:
+                    _feed_experts(accs, group, values[group.probe], values[group.routing])
+                else:
+                    _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples, index)
     if not batches:
         raise DataError(EMPTY)
     if world > 1:
@@ -130,3 +133,32 @@ def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correla
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
         keep = mask.to(x.device) != 0
     acc.update(x, keep, null_seed=index)  # without the null, (..., d) batches are flattened to samples by update()
+
+
+class ExpertAccumulators:
+    """One accumulator per expert of a mixture: the rows of a grouped product's input come
+    expert after expert, cut at the cumulative counts ``offs``."""
+
+    def __init__(self, experts: int, dim: int):
+        self.experts = [CovarianceAccumulator(dim) for _ in range(experts)]
+
+    def update(self, rows: torch.Tensor, offs: torch.Tensor) -> None:
+        start = 0
+        for acc, end in zip(self.experts, offs.tolist()):
+            if end > start:
+                acc.update(rows[start:end])
+            start = end
+
+    def merge(self, other: "ExpertAccumulators") -> None:
+        for mine, theirs in zip(self.experts, other.experts):
+            mine.merge(theirs)
+
+    def split(self) -> tuple[CovarianceAccumulator, ...]:
+        return tuple(self.experts)
+
+
+def _feed_experts(accs: dict, group: WidthGroup, value: torch.Tensor, offs: torch.Tensor) -> None:
+    acc = accs.get(group.name)
+    if acc is None:
+        acc = accs[group.name] = ExpertAccumulators(group.blocks, group.block_size)
+    acc.update(torch.movedim(value.detach(), group.probe_axis, -1), offs)

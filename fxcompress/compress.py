@@ -359,7 +359,13 @@ def _weight_norms(gm: GraphModule, group: WidthGroup) -> torch.Tensor:
     over all the group's parameters: the magnitude-pruning score."""
     score = torch.zeros(group.size, dtype=torch.float64)
     for use in group.producers or [u for u in group.consumers if u.block_axis is None]:
-        rows = torch.movedim(operator.attrgetter(use.param)(gm).detach().to(torch.float64), use.axis, 0)
+        weight = operator.attrgetter(use.param)(gm).detach().to(torch.float64)
+        if group.routing:  # expert by expert: (experts, width, …)
+            rows = torch.movedim(weight, (use.block_axis, use.axis), (0, 1))
+            rows = rows if use.length is None else rows[:, use.offset:use.offset + use.length]
+            score += (rows.reshape(*rows.shape[:2], -1) ** 2).sum(dim=2).reshape(-1)
+            continue
+        rows = torch.movedim(weight, use.axis, 0)
         if use.length is not None:  # a packed projection's slice
             rows = rows[use.offset:use.offset + use.length]
         if use.block is not None:  # the slice holds one block (head) of the group

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcompress.analysis.ops import arg
+from fxcompress.analysis.ops import GROUPED_MM, arg
 from fxcompress.analysis.plan import Plan, Use, WidthGroup
 from fxcompress.errors import FxCompressError
 
@@ -225,11 +225,12 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices
         if use.role == "channel":
             _narrow_channel(gm, use, q, start)
         elif use.block_axis is not None:
-            _set(gm, use.param, _along_blocks(_get(gm, use.param), q, use.axis, use.block_axis, group.blocks))
+            _set(gm, use.param, _along_blocks(_get(gm, use.param), q, use.axis, use.block_axis, group.blocks,
+                                              start, use.length))
         else:
             _set(gm, use.param, _along(_get(gm, use.param), q, use.axis, start, use.length))
-        if use.length is not None:
-            slices.narrowed(use, q.shape[0])
+        if use.length is not None:  # a slice of each expert's weight holds one block of P
+            slices.narrowed(use, q.shape[0] // (group.blocks if use.block_axis is not None else 1))
     _rewrite_constants(gm, group, proj.k)
 
 
@@ -259,11 +260,13 @@ def _bias_of(node: Node) -> object:
         return node.args[0]
     if node.target in BIASED:
         return arg(node, "bias")
-    user = next(iter(node.users)) if len(node.users) == 1 else None
-    if user is not None and user.target == aten.add.Tensor and user.args[0] is node and \
-            isinstance(user.args[1], Node) and user.args[1].op == "get_attr":
-        return user.args[1]
-    return None
+    added = next((u for u in node.users if u.target == aten.add.Tensor and u.args[0] is node), None)
+    if added is None or len(node.users) != (2 if is_grouped_mm(node) else 1):  # an expert bias reads a column too
+        return None
+    bias = added.args[1]
+    if is_grouped_mm(node) and isinstance(bias, Node) and bias.target == aten.index.Tensor:  # a row per expert
+        bias = bias.args[0]
+    return bias if isinstance(bias, Node) and bias.op == "get_attr" else None
 
 
 def _added_biases(gm: GraphModule, group: WidthGroup, slices: _Slices) -> list[Use]:
@@ -276,7 +279,9 @@ def _added_biases(gm: GraphModule, group: WidthGroup, slices: _Slices) -> list[U
         node = nodes.get(use.node)
         bias = _bias_of(node) if node is not None and node.op == "call_function" else None
         if isinstance(bias, Node) and bias.op == "get_attr" and (bias.target, use.offset) not in known:
-            extra.append(dataclasses.replace(use, param=bias.target, axis=0))
+            experts = is_grouped_mm(node)  # a bias per expert: (experts, out)
+            extra.append(dataclasses.replace(use, param=bias.target, axis=1 if experts else 0,
+                                             block_axis=use.block_axis if experts else None))
             slices.same_as(extra[-1], use)
             known.add((bias.target, use.offset))
     return extra
@@ -300,11 +305,15 @@ def _along(t: torch.Tensor, p: torch.Tensor, axis: int, start: int = 0, length: 
     return torch.movedim(moved, -1, axis).to(t.dtype).contiguous()
 
 
-def _along_blocks(t: torch.Tensor, p: torch.Tensor, axis: int, block_axis: int, blocks: int) -> torch.Tensor:
+def _along_blocks(t: torch.Tensor, p: torch.Tensor, axis: int, block_axis: int, blocks: int, start: int = 0,
+                  length: int | None = None) -> torch.Tensor:
     """A grouped convolution's input axis: the ``g``-th block of ``block_axis`` (its output
-    channels) reads the group's block ``g``, so it is contracted with ``P``'s ``g``-th diagonal block."""
+    channels) reads the group's block ``g``, so it is contracted with ``P``'s ``g``-th diagonal
+    block; so is expert ``g``'s weight (its block of ``block_axis``, the experts' axis), in the
+    slice ``[start, start + length)`` of ``axis`` where it is given."""
     parts = t.split(t.shape[block_axis] // blocks, dim=block_axis)
-    return torch.cat([_along(part, _tile(p, blocks, g), axis) for g, part in enumerate(parts)], dim=block_axis)
+    return torch.cat([_along(part, _tile(p, blocks, g), axis, start, length) for g, part in enumerate(parts)],
+                     dim=block_axis)
 
 
 def _selection_index(p: torch.Tensor) -> torch.Tensor | None:
@@ -338,6 +347,9 @@ def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor, s
     node = next(n for n in gm.graph.nodes if n.name == use.node)
     weight = _get(gm, use.param).detach().to(torch.float64)
     lost = mean - p.T @ (p @ mean)
+    if is_grouped_mm(node):  # each expert's output takes its own share, added row by row
+        _add_expert_bias(gm, node, use.param, _expert_shift(weight, use, lost, start))
+        return
     if use.block_axis is not None:  # a grouped convolution: output block g reads block g of what was lost
         moved = torch.movedim(weight, (use.block_axis, use.axis), (0, -1))
         lost = lost.reshape(-1, moved.shape[-1]).repeat_interleave(moved.shape[0] * moved.shape[-1] // lost.numel(), 0)
@@ -353,6 +365,45 @@ def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor, s
         _set(gm, bias.target, (old.detach().to(torch.float64) + shift).to(old.dtype))
     else:  # none, or one the graph computes (EVA-02's cat(q_bias, 0, v_bias)): a bias of its own, added after
         _add_bias(gm, node, use.param, shift.to(_get(gm, use.param).dtype), after=bias is not None)
+
+
+def is_grouped_mm(node: Node) -> bool:
+    """A mixture of experts' grouped product (see :func:`fxcompress.analysis.ops.grouped_mm`)."""
+    return str(node.target) in GROUPED_MM
+
+
+def _expert_shift(weight: torch.Tensor, use: Use, lost: torch.Tensor, start: int) -> torch.Tensor:
+    """``W_e(I − PᵀP)μ`` of each expert ``e``, ``(experts, out)``: what it lost is its own
+    block of ``lost`` where the group is the experts' hidden width, else all of it."""
+    moved = torch.movedim(weight, use.axis, -1)  # (experts, out, in)
+    if use.length is not None:
+        moved = moved[..., start:start + use.length]
+    lost = lost.reshape(moved.shape[0], -1) if use.block_axis is not None else lost.expand(moved.shape[0], -1)
+    return (moved @ lost.unsqueeze(-1)).squeeze(-1)
+
+
+def _add_expert_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor) -> None:
+    """Add row ``e`` of ``value`` to the rows of a grouped product that expert ``e`` computed:
+    the expert of row ``r`` is the first whose offset exceeds ``r``."""
+    offs = arg(node, "offs")
+    name = _fresh_attribute(gm, weight_name.rpartition(".")[0].replace(".", "_") + "_expert_bias")
+    _set(gm, name, value.to(_get(gm, weight_name).dtype), parameter=True)
+    call = gm.graph.call_function
+    with gm.graph.inserting_after(node):
+        column = call(aten.select.int, (node, 1, 0))
+    with gm.graph.inserting_after(column):
+        ones = call(aten.ones_like.default, (column,), {"dtype": offs.meta["val"].dtype})
+    with gm.graph.inserting_after(ones):
+        rows = call(aten.cumsum.default, (ones, 0))  # row r counts r + 1
+    with gm.graph.inserting_after(rows):
+        expert = call(aten.searchsorted.Tensor, (offs, rows))
+    with gm.graph.inserting_after(expert):
+        bias = gm.graph.get_attr(name)
+    with gm.graph.inserting_after(bias):
+        per_row = call(aten.index.Tensor, (bias, [expert]))
+    with gm.graph.inserting_after(per_row):
+        added = call(aten.add.Tensor, (node, per_row))
+    node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added and user is not column)
 
 
 def _add_bias(gm: GraphModule, node: Node, weight_name: str, value: torch.Tensor, after: bool = False) -> None:

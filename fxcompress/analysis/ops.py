@@ -25,7 +25,8 @@ MODULE_RULES: dict[type, Rule] = {}
 
 
 def op_rule(*targets: object) -> Callable[[Rule], Rule]:
-    """Register a rule for ATen overloads (or other call_function targets)."""
+    """Register a rule for ATen overloads (or other call_function targets; a custom op that
+    may not be loaded by its qualified name, ``namespace.op.overload``)."""
     def wrap(fn: Rule) -> Rule:
         for target in targets:
             OP_RULES[target] = fn
@@ -334,6 +335,39 @@ def _as_linear(subscripts: list[list[str]], out: list[str]) -> bool:
     x, w = subscripts
     return bool(out) and x[-1] in w and out[-1] in w and x[-1] != out[-1] and out[:-1] == x[:-1] \
         and x[-1] not in out
+
+
+GROUPED_MM = {"aten._grouped_mm.default", "transformers.grouped_mm_fallback.default"}  # by name: one may not be loaded
+
+
+@op_rule(*GROUPED_MM)
+def grouped_mm(ctx, node: Node) -> None:
+    """A mixture of experts' matrix product: the rows of ``x`` (tokens sorted by expert),
+    cut at the offsets ``offs``, each times its expert's weight ``w[e]`` ``(in, out)``. The
+    weight's axes 1 and 2 take part as a linear layer's would. Where a width lies between
+    experts' products alone (an expert's hidden layer), each expert narrows it its own way:
+    the uses carry the expert axis, and the plan makes it a group of one block per expert
+    whose rows the offsets route (see ``Context.experts``); elsewhere (the stream every
+    expert reads and writes) all experts take one transform."""
+    x, weight, offs = node.args[0], node.args[1], arg(node, "offs")
+    if ctx.ndim(x) != 2 or ctx.ndim(weight) != 3 or not isinstance(offs, Node):
+        ctx.freeze_all(node, f"{node.name}: a grouped product of a shape other than (rows, in) × (experts, in, out)")
+        return
+    ctx.tie(ctx.dim(x, 0), ctx.dim(node, 0))
+    ctx.consume(x, 1, weight, 1, node, block_axis=0)
+    ctx.record(ctx.dim(node, 1), weight, 2, "producer", node, node, block_axis=0)
+    ctx.experts[node.name] = (ctx.size(weight, 0), offs.name)
+
+
+@op_rule(*_overloads("topk", "sort", "sort.stable"))
+def topk(ctx, node: Node) -> None:
+    """Picks or orders entries along one axis (a router's choice of experts): that axis keeps
+    its size; the others pass to the values and the indices."""
+    x = node.args[0]
+    axis = arg(node, "dim", -1) % ctx.ndim(x)
+    ctx.record_split(node, x, axis)
+    ctx.freeze(ctx.dim(x, axis), f"{node.name} picks entries along this axis: its size stays")
+    ctx.effect_all(x, "channelwise")
 
 
 @op_rule(*_overloads("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"))

@@ -60,6 +60,14 @@ class WidthGroup:
     # (node, axis, width there) of the concatenated activations the group lies in, once per time it lies there
     containers: tuple[tuple[str, int, int], ...] = ()
     splits: tuple[tuple[str, int], ...] = ()  # (split node, output index) of the split outputs in the group
+    # a mixture of experts' hidden width: one block per expert, each of the full width; the
+    # probe's rows belong to expert after expert, cut at the offsets this node computes
+    routing: str | None = None
+
+    @property
+    def width(self) -> int:
+        """The width of the activations: ``size``, or one expert's block of it (``routing``)."""
+        return self.block_size if self.routing else self.size
 
     @property
     def block_size(self) -> int:

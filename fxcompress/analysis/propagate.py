@@ -47,6 +47,7 @@ class Context:
         self.rests: dict[DimKey, int] = {}  # what a slice leaves of an axis, before and after it: its size
         self.picked: list[DimKey] = []  # axes taken apart entry by entry (select, unbind): parts, not heads
         self.repeated: set[DimKey] = set()  # parts that a whole holds once per head (see _leaves)
+        self.experts: dict[str, tuple[int, str]] = {}  # a grouped (experts') product: its experts, its offsets
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -440,7 +441,7 @@ def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
         for out in node.all_input_nodes:
             ctx.freeze_all(out, f"model output {out.name}")
     elif node.op == "call_function":
-        rule = OP_RULES.get(node.target)
+        rule = OP_RULES.get(node.target) or OP_RULES.get(str(node.target))
         (rule or freeze_untouched)(ctx, node)
     elif node.op == "call_module":
         rule = MODULE_RULES.get(type(gm.get_submodule(node.target)))
@@ -702,8 +703,16 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     frozen = tuple(dict.fromkeys(r for k in keys for r in ctx.frozen.get(k, [])))
     key_sizes = {k: _key_size(ctx, k) for k in keys}
     size, count, mixed = _sizes(ctx, key_sizes, blocks, repeats)
+    routed = _routing(ctx, uses)
+    if routed is not None:  # one block per expert, each as wide as the activations
+        count, routing = routed
+        size *= count
+    else:  # every expert reads or writes the group alike
+        routing = None
+        uses = [(dataclasses.replace(u, block_axis=None) if u.node in ctx.experts else u, a) for u, a in uses]
     uses = [(_with_repeat(ctx, u, size), a) for u, a in uses]
-    odd = [str(u) for u, _ in uses if u.repeat < 1 or u.length not in (None, size if u.block is None else size // count)]
+    odd = [str(u) for u, _ in uses
+           if u.repeat < 1 or u.length not in (None, size if u.block is None and not routing else size // count)]
     if odd and not mixed:  # a slice (of a concatenation, a packed projection) is as wide as the group
         mixed = f"{', '.join(odd)} fit neither its width {size} nor its blocks"
     if mixed:
@@ -712,14 +721,22 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
     # the activation entering the first consumer; without consumers (attention's query and key),
     # the first producer's output; at the group's own width (not a repeated view of it)
     width = {name: s for (name, axis), s in key_sizes.items() if _is_activation((name, axis))}
-    probes = [[a for u, a in uses if u.role == role and a is not None and width.get(a) == size]
+    probes = [[a for u, a in uses if u.role == role and a is not None and width.get(a) == (size // count if routing else size)]
               for role in ("consumer", "producer")]
     probe = min(probes[0] or probes[1], key=order.__getitem__) if any(probes) else None
     first = min(order.get(u.node, 0) for u, _ in uses)
     activations = tuple(sorted((k for k in keys if _is_activation(k)), key=lambda k: (order.get(k[0], 0), k[1])))
     return first, WidthGroup(_name(by_role), size, by_role["producer"], by_role["consumer"], by_role["channel"],
                              passthrough, tuple(effects), probe, frozen, activations, count,
-                             tuple(containers), tuple(ctx.split_index[k] for k in keys if k in ctx.split_index))
+                             tuple(containers), tuple(ctx.split_index[k] for k in keys if k in ctx.split_index),
+                             routing)
+
+
+def _routing(ctx: Context, uses: list[tuple[Use, str | None]]) -> tuple[int, str] | None:
+    """``(experts, offsets node)`` where every use is one mixture of experts' grouped products:
+    a width that lies between them alone (an expert's hidden layer) narrows expert by expert."""
+    found = {ctx.experts.get(u.node) if u.role != "channel" else None for u, _ in uses}
+    return found.pop() if len(found) == 1 and None not in found else None
 
 
 def _sizes(ctx: Context, key_sizes: dict[DimKey, int], blocks: dict[int, str],
