@@ -41,7 +41,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcompress.attention import make_headwise
-from fxcompress.errors import CaptureError, DataError
+from fxcompress.errors import CaptureError, ConfigError, DataError
 
 aten = torch.ops.aten
 
@@ -73,6 +73,33 @@ def capture(model: Any, example_args: Any = (), example_kwargs: Mapping[str, Any
     _keep_tied_names(gm, model)
     gm.recompile()
     gm.eval()
+    return gm
+
+
+def output_names(gm: GraphModule) -> list[str]:
+    """The name of each output leaf of a captured module, by its first key: a field of a
+    ``ModelOutput`` (``logits``), a dict key, or an index."""
+    spec = gm.graph._codegen.pytree_info.out_spec
+    tree = torch.utils._pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    paths = [path for path, _ in torch.utils._pytree.tree_flatten_with_path(tree)[0]]
+    return [str(next((getattr(p, a) for a in ("key", "name", "idx") if hasattr(p, a)), "")) if path else ""
+            for path in paths for p in path[:1] or [None]]
+
+
+def keep_outputs(gm: GraphModule, names: tuple[str, ...]) -> GraphModule:
+    """Make ``gm`` return None for every output not named in ``names`` (an encoder's hidden
+    states returned beside the logits), in place: a width that only such an output pinned is
+    then free to narrow. Unknown names are a :class:`~fxcompress.errors.ConfigError`."""
+    known = output_names(gm)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"outputs {unknown} are not outputs of the model; it returns {known}")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    output.args = (tuple(leaf if name in names else None for leaf, name in zip(leaves, known)),)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
     return gm
 
 

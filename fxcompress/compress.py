@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate
-from fxcompress.capture import capture, own_weights
+from fxcompress.capture import capture, keep_outputs, own_weights
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
@@ -51,7 +51,9 @@ class CompressConfig:
     baseline, blind to the activations). ``fold_batchnorm``: fold each BatchNorm into the
     convolution or linear layer before it first (:func:`fxcompress.rewrite.fold_batch_norms`),
     so rotations become exact where BatchNorm alone stopped them; the result has no BatchNorm
-    left to train.
+    left to train. ``outputs``: ``"all"``, or the names of the outputs the result keeps
+    (``("logits",)``); it returns None for the others (an encoder's hidden states returned
+    beside the logits), and the widths only they pinned are free to narrow.
     """
 
     rule: str = "mp-hist"
@@ -68,10 +70,12 @@ class CompressConfig:
     correlated_samples: bool = True
     fold_mean: bool = True
     fold_batchnorm: bool = False
+    outputs: str | tuple[str, ...] = "all"
 
     def __post_init__(self):
-        if isinstance(self.targets, list):  # a list of names reads as naturally as a tuple
-            object.__setattr__(self, "targets", tuple(self.targets))
+        for name in ("targets", "outputs"):  # a list of names reads as naturally as a tuple
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         check_fields(self)
         check_range(self, "q", 0, 1, open_low=True, open_high=True)
         check_range(self, "tau", 0, 1, open_low=True)
@@ -85,6 +89,9 @@ class CompressConfig:
             raise ConfigError(f"CompressConfig.widths must be ≥ 1 per group, got {dict(self.widths)}")
         if isinstance(self.targets, tuple) and not self.targets:
             raise ConfigError('CompressConfig.targets is empty: give group names or patterns, or "all"')
+        if isinstance(self.outputs, tuple) and not self.outputs or isinstance(self.outputs, str) and self.outputs != "all":
+            raise ConfigError(f'CompressConfig.outputs must be "all" or a non-empty tuple of output names, '
+                              f'got {self.outputs!r}')
         if self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose one of {sorted(RULES)}")
         if self.transform not in TRANSFORMS:
@@ -135,6 +142,7 @@ class CompressResult:
     fold_mean: bool = True
     selections: Mapping[str, RankSelection] = dataclasses.field(default_factory=dict, repr=False)
     fold_batchnorm: bool = False
+    outputs: tuple[str, ...] | None = None  # the outputs kept, where not all
 
     @property
     def compressed(self) -> tuple[GroupReport, ...]:
@@ -145,6 +153,8 @@ class CompressResult:
         """The architecture change, as :func:`rebuild` replays it: the new widths, and
         whether consumers got a mean-folding bias. JSON-serialisable."""
         step = {"widths": {r.name: r.k for r in self.compressed}, "fold_mean": self.fold_mean}
+        if self.outputs is not None:
+            step["outputs"] = list(self.outputs)
         return {**step, "fold_batchnorm": True} if self.fold_batchnorm else step
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +188,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     batches = _batches(calib_data)
     args, kwargs = as_call(example_inputs if example_inputs is not None else batches[0])
     gm = capture(model, args, kwargs, share_weights=True)  # nothing below writes to a weight
+    if config.outputs != "all":
+        keep_outputs(gm, config.outputs)
     if config.fold_batchnorm:
         gm = fold_batch_norms(gm)
     plan = analyze_graph(gm)
@@ -191,7 +203,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
     selections = {name: sel for name, (_, sel, _) in decisions.items() if sel is not None}
     return CompressResult(module, plan, report, before, num_parameters(module),
-                          time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm)
+                          time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm,
+                          None if config.outputs == "all" else config.outputs)
 
 
 def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
@@ -210,6 +223,8 @@ def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],
         if not isinstance(widths, Mapping):
             raise ConfigError(f"step {number} must be a mapping with 'widths' (CompressResult.step), got {step!r}")
         gm = capture(module, args, kwargs)
+        if step.get("outputs"):
+            keep_outputs(gm, tuple(step["outputs"]))
         if step.get("fold_batchnorm", False):
             gm = fold_batch_norms(gm)
         plan = analyze_graph(gm)

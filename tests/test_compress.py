@@ -547,3 +547,29 @@ def test_tied_weights_keep_every_name_and_stay_one_tensor(rule):
     assert state["model.embed_tokens.weight"].data_ptr() == state["lm_head.weight"].data_ptr()
     used = {id(operator.attrgetter(n.target)(result.module)) for n in result.module.graph.nodes if n.op == "get_attr"}
     assert result.params_after == sum(p.numel() for p in result.module.parameters() if id(p) in used)
+
+
+def test_outputs_the_user_does_not_need_stop_pinning_widths():
+    """BART for classification returns the encoder's hidden states beside the logits: kept,
+    they pin the shared stream; with outputs=("logits",) it narrows, and rebuild replays it."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.BartForSequenceClassification(tf.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+        num_labels=3)).eval()
+    ids = torch.randint(3, 100, (4, 10))
+    ids[:, -1] = model.config.eos_token_id
+    batches = [{"input_ids": ids}]
+    stream = "model.decoder.embed_tokens"
+    kept = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5))
+    assert any("model output" in r for r in kept.plan[stream].frozen_by)
+    result = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5, outputs=["logits"]))
+    assert not result.plan[stream].frozen and result.step["outputs"] == ["logits"]
+    out = result.module(**batches[0])
+    assert out.encoder_last_hidden_state is None and out.logits.shape == (4, 3)
+    rebuilt = fxcompress.rebuild(model, batches[0], [result.step], result.module.state_dict())
+    assert torch.allclose(rebuilt(**batches[0]).logits, out.logits)
+    with pytest.raises(fxcompress.ConfigError, match="not outputs of the model"):
+        fxcompress.compress(model, batches, CompressConfig(outputs=("scores",)))
