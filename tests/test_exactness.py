@@ -503,6 +503,33 @@ def test_einsum_applies_a_weight_as_a_linear_layer_and_ties_letters():
     assert {u.param for u in plan["q"].producers} == {"q.weight", "q.bias", "k.weight", "k.bias"}
 
 
+class MultiQuery(nn.Module):
+    """GPTBigCode's multi-query attention: one packed projection split into 4 query heads and
+    one key and one value head, the query viewed from ``(B, 1, S, H·h)`` to ``(B, S, H, h)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn, self.c_proj, self.head = nn.Linear(16, 16 + 2 * 4), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.c_attn(x).unsqueeze(1).split([16, 4, 4], dim=3)
+        q = q.view(b, s, 4, 4).transpose(1, 2)
+        k, v = (t.unsqueeze(2).expand(b, 1, 4, s, 4).reshape(b, 4, s, 4) for t in (k, v))  # repeat_kv
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(x + self.c_proj(out.transpose(1, 2).reshape(b, s, 16)))
+
+
+CASES["multi-query attention"] = (MultiQuery, lambda: (torch.randn(2, 5, 16, dtype=torch.float64),))
+RUNS["multi-query attention"] = (MultiQuery, lambda n: (torch.randn(n, 5, 16),))
+
+
+def test_a_packed_query_repeats_its_single_key_head():
+    _, plan = _transformed_error(MultiQuery(), torch.randn(2, 5, 16, dtype=torch.float64))
+    (group,) = [g for g in plan.compressible if any(u.repeat == 4 for u in g.producers)]
+    assert group.size == 4 and group.exact == ("selection", "projection"), group
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_group_called_exact_is_exact(case):
     model, inputs = CASES[case]

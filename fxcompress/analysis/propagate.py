@@ -241,11 +241,13 @@ class Context:
     def _split_heads(self, whole: Node, split: Node, a: tuple, b: tuple, at: Node) -> bool:
         """``(…, H·h) ↔ (…, H, h)``: the last axes are one width group of ``H`` blocks (the
         rewrite keeps the block structure, so every head narrows alike); the head count stays."""
-        if not (len(b) == len(a) + 1 >= 3 and a[:-1] == b[:-2] and all(isinstance(v, int) for v in (a[-1], *b[-2:]))
-                and b[-2] > 1 and b[-1] > 1 and a[-1] == b[-2] * b[-1]):
+        lead_a, lead_b = ([i for i, size in enumerate(shape) if size != 1] for shape in (a[:-1], b[:-2]))
+        if not (len(b) >= 3 and [a[i] for i in lead_a] == [b[i] for i in lead_b]  # unit axes may come or go
+                and all(isinstance(v, int) for v in (a[-1], *b[-2:])) and b[-2] > 1 and b[-1] > 1
+                and a[-1] == b[-2] * b[-1]):
             return False
-        for axis in range(len(a) - 1):
-            self.tie(self.dim(whole, axis), self.dim(split, axis))
+        for i, j in zip(lead_a, lead_b):  # GPTBigCode's query: (B, 1, S, H·h) → (B, S, H, h)
+            self.tie(self.dim(whole, i), self.dim(split, j))
         self.tie(self.dim(whole, -1), self.dim(split, -1))
         self.cut_into_blocks(self.dim(whole, -1), b[-2], f"{at.name} splits it into {b[-2]} heads")
         self.freeze(self.dim(split, -2), f"{at.name} splits heads: the number of heads stays")
@@ -712,7 +714,7 @@ def _group(ctx: Context, root: DimKey, uses: list, keys: list[DimKey], order: di
         uses = [(dataclasses.replace(u, block_axis=None) if u.node in ctx.experts else u, a) for u, a in uses]
     uses = [(_with_repeat(ctx, u, size), a) for u, a in uses]
     odd = [str(u) for u, _ in uses
-           if u.repeat < 1 or u.length not in (None, size if u.block is None and not routing else size // count)]
+           if u.repeat < 1 or u.length not in (None, size * u.repeat if u.block is None and not routing else size // count)]
     if odd and not mixed:  # a slice (of a concatenation, a packed projection) is as wide as the group
         mixed = f"{', '.join(odd)} fit neither its width {size} nor its blocks"
     if mixed:
@@ -769,9 +771,9 @@ def _with_repeat(ctx: Context, use: Use, size: int) -> Use:
     """``use`` with how often its axis repeats each of the group's blocks (grouped-query
     attention's query side); 0 where its width is no whole number of repeats."""
     value = operator.attrgetter(use.param)(ctx.gm)
-    if use.block_axis is not None or use.length is not None or not isinstance(value, torch.Tensor):
+    if use.block_axis is not None or use.block is not None or not isinstance(value, torch.Tensor):
         return use
-    width = int(value.shape[use.axis])
+    width = int(value.shape[use.axis]) if use.length is None else use.length  # a packed query's slice, too
     return use if width == size else dataclasses.replace(use, repeat=width // size if width % size == 0 else 0)
 
 
