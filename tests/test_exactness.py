@@ -530,6 +530,31 @@ def test_a_packed_query_repeats_its_single_key_head():
     assert group.size == 4 and group.exact == ("selection", "projection"), group
 
 
+class FeatureMapAttention(nn.Module):
+    """Attention on a feature map, heads split off the channel axis while the pixels merge
+    (EfficientFormerV2): ``(B, H·h, 4, 4) → (B, H, h, 16)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.proj = (nn.Conv2d(8, 8, 1) for _ in range(4))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = (conv(x).reshape(b, 2, 4, h * w).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        out = nn.functional.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, h, w)
+        return self.head((x + self.proj(out)).mean((2, 3)))
+
+
+CASES["heads of a feature map"] = (FeatureMapAttention, lambda: (torch.randn(2, 8, 4, 4, dtype=torch.float64),))
+RUNS["heads of a feature map"] = (FeatureMapAttention, lambda n: (torch.randn(n, 8, 4, 4),))
+
+
+def test_heads_split_off_the_channels_of_a_feature_map_are_blocks():
+    _, plan = _transformed_error(FeatureMapAttention(), torch.randn(2, 8, 4, 4, dtype=torch.float64))
+    assert (plan["q"].blocks, plan["v"].blocks) == (2, 2) and not plan["q"].frozen and not plan["v"].frozen, plan
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_group_called_exact_is_exact(case):
     model, inputs = CASES[case]

@@ -218,8 +218,8 @@ class Context:
         """Tie input and output axes that a view maps one to one; freeze those it merges or splits,
         except a last axis split into heads (or merged from them), as attention does."""
         a_shape, b_shape = self.shape(x), self.shape(node)
-        if self._split_heads(x, node, a_shape, b_shape, node) or self._split_heads(node, x, b_shape, a_shape, node) \
-                or self._split_grid(x, node, a_shape, b_shape) or self._repeat_heads(x, node, a_shape, b_shape):
+        if self._repeat_heads(x, node, a_shape, b_shape) or self._split_heads(x, node, a_shape, b_shape, node) \
+                or self._split_heads(node, x, b_shape, a_shape, node) or self._split_grid(x, node, a_shape, b_shape):
             return
         tail = 0  # axes equal from the right map one to one (the feature axis of a (B·S, d) view)
         while tail < min(len(a_shape), len(b_shape)) and a_shape[-1 - tail] == b_shape[-1 - tail] != 1:
@@ -239,19 +239,36 @@ class Context:
                 i, j = self._freeze_block(x, node, a_shape, b_shape, i, j)
 
     def _split_heads(self, whole: Node, split: Node, a: tuple, b: tuple, at: Node) -> bool:
-        """``(…, H·h) ↔ (…, H, h)``: the last axes are one width group of ``H`` blocks (the
-        rewrite keeps the block structure, so every head narrows alike); the head count stays."""
-        lead_a, lead_b = ([i for i, size in enumerate(shape) if size != 1] for shape in (a[:-1], b[:-2]))
-        if not (len(b) >= 3 and [a[i] for i in lead_a] == [b[i] for i in lead_b]  # unit axes may come or go
-                and all(isinstance(v, int) for v in (a[-1], *b[-2:])) and b[-2] > 1 and b[-1] > 1
-                and a[-1] == b[-2] * b[-1]):
+        """``(…, H·h, …) ↔ (…, H, h, …)``: the split axis and the head dim are one width group of
+        ``H`` blocks (the rewrite keeps the block structure, so every head narrows alike); the
+        head count stays. The axis is the last (``(B, S, H, h)``) or one before axes that pass
+        as they are, or are merged or split and keep their sizes (attention on feature maps:
+        ``(B, H·h, 7, 7) → (B, H, h, 49)``). The last axis is tried first."""
+        return any(self._split_heads_at(whole, split, a, b, at, i, j)
+                   for i in reversed(range(len(a))) for j in reversed(range(len(b) - 1)))
+
+    def _split_heads_at(self, whole: Node, split: Node, a: tuple, b: tuple, at: Node, i: int, j: int) -> bool:
+        """:meth:`_split_heads` of the whole's axis ``i`` into the split's axes ``j`` (heads), ``j + 1``."""
+        lead_a, lead_b = ([k for k, size in enumerate(shape) if size != 1] for shape in (a[:i], b[:j]))
+        suffix = 0  # the axes after it that pass as they are, from the right
+        while suffix < min(len(a) - i - 1, len(b) - j - 2) and a[-1 - suffix] == b[-1 - suffix] != 1:
+            suffix += 1
+        rest_a, rest_b = a[i + 1:len(a) - suffix], b[j + 2:len(b) - suffix]  # merged or split between
+        if not ((not rest_a and not rest_b or rest_a and rest_b and _product(rest_a) == _product(rest_b) is not None)
+                and (i < len(a) - 1 or len(b) >= 3) and [a[k] for k in lead_a] == [b[k] for k in lead_b]
+                and all(isinstance(v, int) for v in (a[i], b[j], b[j + 1])) and b[j] > 1 and b[j + 1] > 1
+                and a[i] == b[j] * b[j + 1]):
             return False
-        for i, j in zip(lead_a, lead_b):  # GPTBigCode's query: (B, 1, S, H·h) → (B, S, H, h)
-            self.tie(self.dim(whole, i), self.dim(split, j))
-        self.tie(self.dim(whole, -1), self.dim(split, -1))
-        self.cut_into_blocks(self.dim(whole, -1), b[-2], f"{at.name} splits it into {b[-2]} heads")
-        self.freeze(self.dim(split, -2), f"{at.name} splits heads: the number of heads stays")
-        self.head_axes.append((self.dim(whole, -1), self.dim(split, -2)))
+        for k, m in (*zip(lead_a, lead_b), *((len(a) - 1 - t, len(b) - 1 - t) for t in range(suffix))):
+            self.tie(self.dim(whole, k), self.dim(split, m))  # unit axes may go: GPTBigCode's (B, 1, S, H·h)
+        reason = f"{at.name} reshapes {a} → {b}: merged or split dims keep their size"
+        for key in (*(self.dim(whole, k) for k in range(i + 1, i + 1 + len(rest_a))),
+                    *(self.dim(split, k) for k in range(j + 2, j + 2 + len(rest_b)))):
+            self.freeze(key, reason)
+        self.tie(self.dim(whole, i), self.dim(split, j + 1))
+        self.cut_into_blocks(self.dim(whole, i), b[j], f"{at.name} splits it into {b[j]} heads")
+        self.freeze(self.dim(split, j), f"{at.name} splits heads: the number of heads stays")
+        self.head_axes.append((self.dim(whole, i), self.dim(split, j)))
         return True
 
     def _split_grid(self, x: Node, node: Node, a: tuple, b: tuple) -> bool:
@@ -397,6 +414,16 @@ def _unit_view_axis(before: tuple | None, after: tuple | None, axis: int) -> int
 
 def _size_key(size: Any) -> int | str:
     return int(size) if isinstance(size, int) or str(size).lstrip("-").isdigit() else str(size)
+
+
+def _product(sizes: tuple) -> int | None:
+    """The product of known sizes; None if any is symbolic."""
+    out = 1
+    for size in sizes:
+        if not isinstance(size, int):
+            return None
+        out *= size
+    return out
 
 
 def _mul(a: Any, b: Any) -> Any:
@@ -617,9 +644,11 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
         blocks, why = cut.get(root, (1, None))
         frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
         counts = {_extent(ctx, use) // width if width and _extent(ctx, use) % width == 0 else 0 for use in uses_of[root]}
-        tiled = counts <= {blocks} and width * blocks == max((_key_size(ctx, k) for k in keys), default=-1)
+        sizes = [size for size in (_key_size(ctx, k) for k in keys) if size > 0]
+        tiled = counts <= {blocks} and width * blocks == max(sizes, default=-1)
+        within = width == min(sizes, default=-1)  # the cut is of one head (not of several heads at once)
         shared = {part for part, _, length, _ in leaves
-                  if blocks > 1 and 0 not in counts and (not tiled or _shared(ctx, part, length, uses_of))}
+                  if blocks > 1 and within and 0 not in counts and (not tiled or _shared(ctx, part, length, uses_of))}
         if blocks > 1 and not tiled and len(shared) < len({part for part, _, _, _ in leaves}):
             frozen = frozen or [f"{node}'s output is cut into blocks ({why}) that its parts do not tile"]
             blocks, shared = 1, set()
