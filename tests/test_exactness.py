@@ -555,6 +555,20 @@ def test_heads_split_off_the_channels_of_a_feature_map_are_blocks():
     assert (plan["q"].blocks, plan["v"].blocks) == (2, 2) and not plan["q"].frozen and not plan["v"].frozen, plan
 
 
+class RepeatedRows(nn.Module):
+    """Each row repeated in place: the rows' axis keeps its size, the features narrow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).repeat_interleave(2, dim=0))
+
+
+CASES["rows repeated in place"] = (RepeatedRows, lambda: (torch.randn(3, 4, dtype=torch.float64),))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_group_called_exact_is_exact(case):
     model, inputs = CASES[case]

@@ -558,6 +558,24 @@ def repeat(ctx, node: Node) -> None:
             ctx.freeze(ctx.dim(node, lead + a), f"{node.name} tiles this axis")
 
 
+@op_rule(*_overloads("repeat_interleave.self_int", "repeat_interleave.self_Tensor"))
+def repeat_interleave(ctx, node: Node) -> None:
+    """Each entry of one axis repeated in place (``[a a b b]``): that axis keeps its size (an
+    interleaved layout no rule narrows), the others pass."""
+    x, axis = node.args[0], arg(node, "dim")
+    if axis is None:  # flattened first
+        ctx.freeze_all(x, f"{node.name} repeats the flattened tensor")
+        ctx.freeze_all(node, f"{node.name} repeats the flattened tensor")
+        return
+    axis %= ctx.ndim(x)
+    for a in range(ctx.ndim(x)):
+        if a == axis:
+            ctx.freeze(ctx.dim(x, a), f"{node.name} repeats each entry of this axis in place")
+            ctx.freeze(ctx.dim(node, a), f"{node.name} repeats each entry of this axis in place")
+        else:
+            ctx.tie(ctx.dim(x, a), ctx.dim(node, a))
+
+
 @op_rule(*_overloads("upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
                      "upsample_bilinear2d.vec", "upsample_linear1d.vec", "upsample_trilinear3d.vec",
                      "upsample_bicubic2d.vec", "_upsample_nearest_exact2d.vec", "upsample_nearest2d",
