@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate
-from fxcompress.capture import capture, keep_outputs, own_weights
+from fxcompress.capture import capture, keep_outputs, own_weights, state_kept
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
@@ -143,6 +143,10 @@ class CompressResult:
     selections: Mapping[str, RankSelection] = dataclasses.field(default_factory=dict, repr=False)
     fold_batchnorm: bool = False
     outputs: tuple[str, ...] | None = None  # the outputs kept, where not all
+    # max |compressed − original| / max |original| over the outputs, on the first calibration
+    # batch (a batch the widths were chosen on, so a floor on what new data will see); None
+    # where the model was in training mode (dropout draws differ)
+    output_change: float | None = None
 
     @property
     def compressed(self) -> tuple[GroupReport, ...]:
@@ -159,7 +163,8 @@ class CompressResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"params_before": self.params_before, "params_after": self.params_after, "seconds": self.seconds,
-                "step": self.step, "groups": [dataclasses.asdict(r) for r in self.report]}
+                "output_change": self.output_change, "step": self.step,
+                "groups": [dataclasses.asdict(r) for r in self.report]}
 
     def __str__(self) -> str:
         reduction = 1 - self.params_after / self.params_before
@@ -169,8 +174,11 @@ class CompressResult:
             lines.append("  nothing was compressible: every group is frozen or kept whole (see the report)")
         for r in self.report:
             status = f"frozen: {r.frozen_by[0]}" if r.frozen_by else f"{r.d} → {r.k} ({r.rule}, {r.transform}, " + \
-                ("exact" if r.exact else "approximate") + ")"
+                ("exact at k = d" if r.exact else "approximate") + ")"
             lines.append(f"  {r.name:40s} {status}")
+        if self.output_change is not None:
+            lines.append(f"  output change on the first calibration batch: {self.output_change:.1%} of the largest output "
+                         "(\"exact at k = d\": the transform loses nothing before narrowing; narrowing does)")
         return "\n".join(lines)
 
 
@@ -198,13 +206,31 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     decisions = _select(gm, targets, accs, config)
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     before = num_parameters(gm)
+    measure = not getattr(model, "training", False) and projections  # dropout would draw anew
+    reference = _run(gm, args, kwargs) if measure else None
     module = rewrite(gm, plan, projections, inplace=True)  # gm is this call's own capture
     own_weights(module, model)  # copies what the rewrite left as it was: the result is the caller's to train
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
     selections = {name: sel for name, (_, sel, _) in decisions.items() if sel is not None}
+    change = _change(reference, _run(module, args, kwargs)) if measure else 0.0 if not projections else None
     return CompressResult(module, plan, report, before, num_parameters(module),
                           time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm,
-                          None if config.outputs == "all" else config.outputs)
+                          None if config.outputs == "all" else config.outputs, change)
+
+
+def _run(module: GraphModule, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The floating-point outputs of one call, as a flat list (the module's state kept)."""
+    with torch.no_grad(), state_kept(module):
+        out = module(*args, **kwargs)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _change(reference: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """The largest absolute change of any output entry, relative to the largest original entry."""
+    pairs = [(r.double(), o.double()) for r, o in zip(reference, out) if r.shape == o.shape]
+    scale = max((float(r.abs().max()) for r, _ in pairs if r.numel()), default=0.0)
+    change = max((float((o - r).abs().max()) for r, o in pairs if r.numel()), default=0.0)
+    return change / scale if scale > 0 else change
 
 
 def rebuild(model: Any, example_inputs: Any, steps: Sequence[Mapping[str, Any]],

@@ -573,3 +573,19 @@ def test_outputs_the_user_does_not_need_stop_pinning_widths():
     assert torch.allclose(rebuilt(**batches[0]).logits, out.logits)
     with pytest.raises(fxcompress.ConfigError, match="not outputs of the model"):
         fxcompress.compress(model, batches, CompressConfig(outputs=("scores",)))
+
+
+def test_the_report_says_how_far_the_output_moved():
+    """"exact at k = d" is about the transform; the narrowed output moves, and the report says by how much."""
+    cls, inputs = ORACLES["residual_mlp"]
+    torch.manual_seed(0)
+    model = cls().eval()
+    batches = [inputs(16) for _ in range(2)]
+    result = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5, round_to=1))
+    with torch.no_grad():
+        ref, out = model(*batches[0]), result.module(*batches[0])
+    assert result.output_change == pytest.approx(float((out - ref).abs().max() / ref.abs().max()), rel=1e-6)
+    assert result.output_change > 0 and "exact at k = d" in str(result) and "output change" in str(result)
+    assert result.to_dict()["output_change"] == result.output_change
+    whole = fxcompress.compress(model, batches, CompressConfig(rule="keep-all"))
+    assert whole.output_change == 0.0
