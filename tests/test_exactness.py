@@ -569,6 +569,33 @@ class RepeatedRows(nn.Module):
 CASES["rows repeated in place"] = (RepeatedRows, lambda: (torch.randn(3, 4, dtype=torch.float64),))
 
 
+class SelectiveKernel(nn.Module):
+    """Two convolution paths stacked, weighted by an attention over the paths viewed from
+    ``(B, P·C)`` to ``(B, P, C, 1, 1)``: each path's slice of it holds the same channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.paths = nn.ModuleList(nn.Conv2d(4, 6, k, padding=k // 2) for k in (1, 3))
+        self.reduce, self.select, self.head = nn.Linear(6, 3), nn.Linear(3, 12), nn.Linear(6, 2)
+
+    def forward(self, x):
+        paths = torch.stack([path(x) for path in self.paths], dim=1)
+        attn = self.select(torch.relu(self.reduce(paths.sum(1).mean((2, 3)))))
+        attn = attn.view(x.shape[0], 2, 6, 1, 1).softmax(dim=1)
+        return self.head((paths * attn).sum(1).mean((2, 3)))
+
+
+CASES["selective kernel"] = (SelectiveKernel, lambda: (torch.randn(2, 4, 5, 5, dtype=torch.float64),))
+RUNS["selective kernel"] = (SelectiveKernel, lambda n: (torch.randn(n, 4, 5, 5),))
+
+
+def test_stacked_paths_share_their_channels_with_the_attention_over_them():
+    _, plan = _transformed_error(SelectiveKernel(), torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    group = plan["paths.0"]
+    assert not group.frozen and group.size == 6 and {str(u) for u in group.producers} >= {
+        "select.weight[0] (each block ×2)", "paths.1.weight[0]"}, group
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_group_called_exact_is_exact(case):
     model, inputs = CASES[case]

@@ -543,6 +543,7 @@ def stack(ctx, node: Node) -> None:
         for a in range(ctx.ndim(t)):
             ctx.tie(ctx.dim(t, a), ctx.dim(node, a if a < axis else a + 1))
     ctx.freeze(ctx.dim(node, axis), f"{node.name} stacks {len(node.args[0])} tensors along it")
+    ctx.stacked.append(ctx.dim(node, axis))
 
 
 @op_rule(*_overloads("repeat"))

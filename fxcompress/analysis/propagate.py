@@ -48,6 +48,7 @@ class Context:
         self.picked: list[DimKey] = []  # axes taken apart entry by entry (select, unbind): parts, not heads
         self.repeated: set[DimKey] = set()  # parts that a whole holds once per head (see _leaves)
         self.experts: dict[str, tuple[int, str]] = {}  # a grouped (experts') product: its experts, its offsets
+        self.stacked: list[DimKey] = []  # the new axes of stacks: their entries share the other axes
 
     # -- shapes -------------------------------------------------------------------------
     def value(self, node: Any) -> torch.Tensor | None:
@@ -254,7 +255,7 @@ class Context:
         while suffix < min(len(a) - i - 1, len(b) - j - 2) and a[-1 - suffix] == b[-1 - suffix] != 1:
             suffix += 1
         rest_a, rest_b = a[i + 1:len(a) - suffix], b[j + 2:len(b) - suffix]  # merged or split between
-        if not ((not rest_a and not rest_b or rest_a and rest_b and _product(rest_a) == _product(rest_b) is not None)
+        if not (_product(rest_a) == _product(rest_b) is not None
                 and (i < len(a) - 1 or len(b) >= 3) and [a[k] for k in lead_a] == [b[k] for k in lead_b]
                 and all(isinstance(v, int) for v in (a[i], b[j], b[j + 1])) and b[j] > 1 and b[j + 1] > 1
                 and a[i] == b[j] * b[j + 1]):
@@ -481,6 +482,7 @@ def _apply_rule(ctx: Context, gm: GraphModule, node: Node) -> None:
 
 def _collect(ctx: Context, order: dict[str, int]) -> Plan:
     _freeze_unrecorded_parameters(ctx)
+    _share_stacked_heads(ctx)
     _resolve_grids(ctx)
     _tie_cuts(ctx)
     members: dict[DimKey, list[DimKey]] = defaultdict(list)
@@ -503,6 +505,17 @@ def _collect(ctx: Context, order: dict[str, int]) -> Plan:
               for root, uses in by_root.items() if root not in wholes and any(u.role != "channel" for u, _ in uses)]
     groups.sort(key=lambda g: g[0])
     return Plan(tuple(_unique_names([g for _, g in groups])))
+
+
+def _share_stacked_heads(ctx: Context) -> None:
+    """Heads whose axis is a stack's (SelectiveKernel: the paths' attention ``(B, P·C)`` viewed
+    ``(B, P, C, 1, 1)`` against the paths stacked ``(B, P, C, H, W)``) hold the same channels,
+    which the stack ties: each of those blocks repeats one block, as grouped-query heads do."""
+    stacked = {ctx.find(key) for key in ctx.stacked}
+    for whole, heads in ctx.head_axes:
+        count = _key_size(ctx, heads)
+        if ctx.find(heads) in stacked and count > 1:
+            ctx.repeat_blocks(whole, 1, count)
 
 
 def _freeze_unrecorded_parameters(ctx: Context) -> None:
