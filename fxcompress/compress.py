@@ -188,12 +188,13 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
 
     ``model`` is an ``nn.Module``, a ``GraphModule`` or an ``ExportedProgram``; it is never
     modified. ``calib_data`` yields batches as a DataLoader does (a tensor, a tuple of
-    tensors, or a dict of keyword inputs); its first batch is the example input for capture
-    unless ``example_inputs`` is given.
+    tensors, or a dict of keyword inputs; a labelled ``(inputs…, target)`` batch, one element
+    more than ``forward`` takes, loses its target); its first batch is the example input for
+    capture unless ``example_inputs`` is given.
     """
     start = time.perf_counter()
     require_instance(config, CompressConfig, "config")
-    batches = _batches(calib_data)
+    batches = _without_targets(model, _batches(calib_data))
     args, kwargs = as_call(example_inputs if example_inputs is not None else batches[0])
     gm = capture(model, args, kwargs, share_weights=True)  # nothing below writes to a weight
     if config.outputs != "all":
@@ -295,6 +296,25 @@ def _batches(calib_data: Iterable[Any]) -> list[Any]:
     if not batches:
         raise DataError(EMPTY)
     return batches
+
+
+def _without_targets(model: Any, batches: list[Any]) -> list[Any]:
+    """Labelled batches ``(inputs…, target)``, as a training DataLoader yields them, without the
+    target: where every batch holds one element more than ``model.forward`` takes positionally."""
+    first = batches[0]
+    if not isinstance(model, torch.nn.Module) or not isinstance(first, (tuple, list)) or len(first) < 2:
+        return batches
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return batches
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return batches
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if any(not isinstance(b, (tuple, list)) or len(b) != len(positional) + 1 for b in batches):
+        return batches
+    return [tuple(b[:-1]) for b in batches]
 
 
 def _targets(plan: Plan, config: CompressConfig) -> list[WidthGroup]:

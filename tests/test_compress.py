@@ -589,3 +589,12 @@ def test_the_report_says_how_far_the_output_moved():
     assert result.to_dict()["output_change"] == result.output_change
     whole = fxcompress.compress(model, batches, CompressConfig(rule="keep-all"))
     assert whole.output_change == 0.0
+
+
+def test_labelled_batches_lose_their_target():
+    """A training DataLoader's (images, labels): forward takes one input, so the labels go."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
+    result = fxcompress.compress(model, data, CompressConfig(rule="fixed", ratio=0.5))
+    assert result.compressed and result.module(data[0][0]).shape == (4, 10)
