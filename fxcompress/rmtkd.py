@@ -135,7 +135,8 @@ class RMTKDResult:
         lines = [f"RMT-KD: {self.params_original:,} → {self.params_final:,} parameters ({self.reduction:.1%} fewer), "
                  f"accuracy {self.baseline:.4f} → {self.accuracy:.4f} (floor {self.floor:.4f}); "
                  f"stopped: {STOPS[self.stop]}",
-                 f"{'round':>5} {'group':32s} {'d → k':>11} {'params':>12} {'projected':>9} {'tuned':>7} {'s':>6}  "]
+                 ""]
+        rows = []
         for r in self.rounds:
             if not r.narrowed:
                 continue
@@ -143,7 +144,11 @@ class RMTKDResult:
             names = ", ".join(g for g in r.groups if r.widths[g][1] < r.widths[g][0])
             tuned = "—" if r.accuracy is None else f"{r.accuracy:.4f}"
             projected = "—" if r.accuracy_projected is None else f"{r.accuracy_projected:.4f}"
-            lines.append(f"{r.index:5d} {names[:32]:32s} {widths:>11} {r.params_after:12,d} {projected:>9} {tuned:>7} "
+            rows.append((r, names, widths, projected, tuned))
+        width = max([32, *(len(names) for _, names, _, _, _ in rows)])  # whole names, never cut
+        lines[-1] = f"{'round':>5} {'group':{width}s} {'d → k':>11} {'params':>12} {'projected':>9} {'tuned':>7} {'s':>6}  "
+        for r, names, widths, projected, tuned in rows:
+            lines.append(f"{r.index:5d} {names:{width}s} {widths:>11} {r.params_after:12,d} {projected:>9} {tuned:>7} "
                          f"{r.seconds:6.1f}  {'' if r.accepted else 'rolled back: ' + r.note}")
         return "\n".join(lines)
 

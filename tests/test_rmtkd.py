@@ -11,7 +11,7 @@ import torch
 
 import fxcompress
 from fxcompress import CompressConfig, ConfigError, DistillConfig, RMTKDConfig
-from fxcompress.rmtkd import CHECKPOINT, calibration_subset
+from fxcompress.rmtkd import CHECKPOINT, STOPS, RMTKDResult, Round, calibration_subset
 from planted import RANK, task, trained
 
 TESTS = Path(__file__).parent
@@ -136,3 +136,10 @@ def test_torchrun_two_processes_pick_the_same_widths(tmp_path):
         runs[n] = json.loads(out.read_text())
     assert runs[2]["widths"] == runs[1]["widths"] and runs[2]["widths"]
     assert runs[2]["ranks_agree"] and runs[2]["stop"] == runs[1]["stop"]
+
+
+def test_the_printed_rounds_keep_whole_group_names():
+    name = "model.layers.11.self_attention.query_key_value"  # longer than the old 32-character column
+    round_ = Round(0, 0, (name,), {name: [64, 32]}, {name: None}, {name: None}, 100, 80, 0.9, 0.91, True, 1.0)
+    result = RMTKDResult(None, (), (round_,), 0.92, 0.90, next(iter(STOPS)), 100, 80, 0.91, 1.0)
+    assert name in str(result)
