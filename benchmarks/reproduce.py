@@ -18,10 +18,13 @@ the evaluation split itself, as the paper's dev-set numbers are); every reported
 the evaluation set, with a 95 % confidence interval (normal approximation to the binomial).
 Latency is ONNX Runtime on this machine at batch 1 and 32, as ratios to the original model
 measured in the same run; methods that share an architecture share its measurement. Results go
-to ``benchmarks/results/<profile>-<machine>.json``, ``benchmarks/RESULTS.md`` and PNG plots.
+to ``<out>/<profile>-<machine>.json``, ``<out>/RESULTS.md`` and PNG plots, ``<out>`` being
+``out/reproduce/results`` unless ``--out`` says otherwise: the committed results change only
+when asked.
 
     python benchmarks/reproduce.py --profile quick      # ≤ 45 min on a 2-core CPU
     python benchmarks/reproduce.py --profile paper      # the full setting, for a GPU
+    python benchmarks/reproduce.py --out benchmarks/results --markdown benchmarks/RESULTS.md  # the committed ones
 """
 
 from __future__ import annotations
@@ -418,8 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the profile's tasks")
     parser.add_argument("--data-dir", default=None, help="evaluation data (default: $FXCOMPRESS_DATA)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="where the JSON and plots go")
-    parser.add_argument("--markdown", default=str(HERE / "RESULTS.md"), help="the results table")
+    parser.add_argument("--out", default="out/reproduce/results", help="where the JSON and plots go "
+                        "(benchmarks/results: the committed ones)")
+    parser.add_argument("--markdown", default=None, help="the results table (default: <out>/RESULTS.md; "
+                        "benchmarks/RESULTS.md: the committed one)")
     parser.add_argument("--work", default="out/reproduce", help="checkpoints, spectra and ONNX files")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-drop", type=float, default=0.02, help="the accuracy floor is the baseline minus this")
@@ -472,6 +477,7 @@ def _results_path(args) -> Path:
 def write(results: dict[str, Any], args) -> None:
     out = Path(args.out)
     write_text(_results_path(args), json.dumps(results, indent=2))
+    args.markdown = args.markdown or str(out / "RESULTS.md")
     write_text(Path(args.markdown), markdown(results))
     plots(results, out)
     log(f"wrote {_results_path(args)} and {args.markdown}")
