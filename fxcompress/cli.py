@@ -25,12 +25,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from fxcompress import __version__
 from fxcompress.errors import ConfigError, FxCompressError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxcompress-bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="fxcompress-bench", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     cmp = sub.add_parser("compare", help="measure two or more ONNX models side by side (the first is the reference)",
                          description="Latency, throughput, memory and energy of ONNX models, each run in fresh "

@@ -91,6 +91,12 @@ def test_bad_input_exits_2_and_writes_nothing(pair, tmp_path, capsys, make_args,
 def test_every_subcommand_has_help(command):
     proc = subprocess.run([sys.executable, "-m", "fxcompress.cli", *command, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "usage: fxcompress-bench" in proc.stdout
+    assert "``" not in proc.stdout  # plain text, not reStructuredText
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "fxcompress.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fxcompress-bench {fxcompress.__version__}"
 
 
 @pytest.mark.gpu
