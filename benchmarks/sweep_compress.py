@@ -299,8 +299,8 @@ def main() -> None:
     torch.set_num_threads(2)
     print("| model | rule | groups | compressed | frozen | params before → after | seconds | output |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    names = ",".join(SETS.values()) if args.models == "all" else SETS.get(args.models, args.models)
-    for name in names.split(","):
+    parts = SETS if args.models == "all" else args.models.split(",")  # set names and model names, mixed
+    for name in (name for part in parts for name in SETS.get(part, part).split(",")):
         for rule in args.rules.split(","):
             try:
                 print(exactness(name) if rule == "exact" else run(name, rule), flush=True)
