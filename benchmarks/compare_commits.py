@@ -1,0 +1,83 @@
+"""Benchmark: ``fxcompress.compress`` stage by stage, two source trees side by side.
+
+Each round runs one fresh process per tree, alternating which goes first; each process warms
+up (lazy imports, the first export), then times capture, analysis, calibration, rank
+selection and rewrite of one call, and ``compress`` end to end on a second. Printed: the
+medians per tree and the median new/old ratio with its range. Make the old tree with
+``git worktree add /tmp/old <commit>``.
+
+    python benchmarks/compare_commits.py /tmp/old --models timm/resnet18,timm/convnext_atto,bert
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r'''
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import fxcompress
+from fxcompress.analysis import analyze_graph
+from fxcompress.calibrate import as_call, calibrate
+from fxcompress.capture import capture
+from fxcompress.compress import _select, _targets
+from fxcompress.rewrite import rewrite
+torch.set_num_threads(2)
+torch.manual_seed(0)
+name = sys.argv[2]
+if name.startswith("timm/"):
+    import timm
+    model = timm.create_model(name[5:], pretrained=False, num_classes=10).eval()
+    batches = [torch.randn(2, 3, 64, 64) for _ in range(2)]
+else:  # bert: BERT-base widths, 4 layers, random weights
+    from transformers import BertConfig, BertForSequenceClassification
+    model = BertForSequenceClassification(BertConfig(num_hidden_layers=4)).eval()
+    batches = [{"input_ids": torch.randint(0, 1000, (4, 32))} for _ in range(2)]
+config = fxcompress.CompressConfig(rule="fixed", ratio=0.5)
+fxcompress.compress(model, batches, config)
+seconds, start = {}, time.perf_counter()
+def lap(stage):
+    global start
+    seconds[stage], start = time.perf_counter() - start, time.perf_counter()
+args, kwargs = as_call(batches[0])
+gm = capture(model, args, kwargs, share_weights=True); lap("capture")
+plan = analyze_graph(gm); lap("analysis")
+targets = _targets(plan, config); accs = calibrate(gm, targets, batches); lap("calibration")
+decisions = _select(gm, targets, accs, config); lap("selection")
+rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None}); lap("rewrite")
+fxcompress.compress(model, batches, config); lap("compress")
+print(json.dumps(seconds))
+'''
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old", help="the source tree to compare against (a git worktree of an earlier commit)")
+    parser.add_argument("--new", default=str(Path(__file__).resolve().parents[1]), help="this tree, by default")
+    parser.add_argument("--models", default="timm/resnet18,timm/convnext_atto,bert")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    trees = {"old": str(Path(args.old).resolve()), "new": str(Path(args.new).resolve())}
+    for name in args.models.split(","):
+        runs: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
+        for round_ in range(args.rounds):
+            order = list(trees.items()) if round_ % 2 == 0 else list(reversed(trees.items()))
+            for label, tree in order:
+                done = subprocess.run([sys.executable, "-P", "-c", CHILD, tree, name], capture_output=True, text=True,
+                                      check=True)
+                runs[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(name)
+        for stage in runs["new"][0]:
+            new, old = ([r[stage] for r in runs[label]] for label in ("new", "old"))
+            ratios = [n / o for n, o in zip(new, old)]
+            print(f"  {stage:12s} old {statistics.median(old):6.2f} s  new {statistics.median(new):6.2f} s  "
+                  f"new/old median {statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
