@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # release inside pyproject.toml's ranges works. ORT_EXTRA=gpu takes onnxruntime-gpu instead.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ORT_EXTRA  ?= cpu
-FXCOMPRESS_DATA ?= $(abspath ../shared/data)
+FXCOMPRESS_DATA ?= $(wildcard $(abspath ../shared/data))
 export FXCOMPRESS_DATA
 
 .PHONY: install demo test bench clean
@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python tools/demo.py --out out/demo
 
 test: $(STAMP)
+	@echo "evaluation data: $(or $(FXCOMPRESS_DATA),none (../shared/data is absent; set FXCOMPRESS_DATA): the tests that need it skip)"
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,14 +7,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_report_header(config):
+    return f"evaluation data: {os.environ.get('FXCOMPRESS_DATA') or 'none (FXCOMPRESS_DATA is unset): its tests skip'}"
+
+
 @pytest.fixture(scope="session")
 def data_root():
-    """The evaluation-data directory. ``make test`` sets FXCOMPRESS_DATA; a bare pytest
-    without it skips these tests, but a set path that does not exist is an error."""
-    import os
-
+    """The evaluation-data directory. ``make test`` sets FXCOMPRESS_DATA to ../shared/data
+    where that exists; without it these tests skip, but a set path that does not exist is an
+    error (a mistyped path must not pass as a skip)."""
     from fxcompress.datasets import data_dir
 
     if not os.environ.get("FXCOMPRESS_DATA"):
-        pytest.skip("FXCOMPRESS_DATA is not set (make test sets it)")
+        pytest.skip("FXCOMPRESS_DATA is not set: no evaluation data here (make test sets it to ../shared/data "
+                    "where that exists)")
     return data_dir()
