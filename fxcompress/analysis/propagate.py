@@ -595,7 +595,8 @@ def _refine(ctx: Context, root: DimKey, segments: list[tuple]) -> bool:
     pieces = []
     for start, end in zip(bounds, bounds[1:]):  # a piece no cut has as a part of its own: a key of its own
         key, tensor = exact.get((start, end), ((f"piece:{segments[0][2]}:{start}", root[1]), None))
-        ctx.rests.setdefault(key, end - start) if key[0].startswith("piece:") else None
+        if key[0].startswith("piece:"):
+            ctx.rests[key] = end - start
         pieces.append((start, end, key, tensor))
     refined = [(segments[0][0], [(key, end - start, tensor) for start, end, key, tensor in pieces], segments[0][2])]
     for (_, _, node), span in zip(segments, spans):
