@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import inspect
 import itertools
+import logging
 import operator
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,8 @@ from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, poo
 from fxcompress.spectral.mp import TRACY_WIDOM_QUANTILES
 from fxcompress.spectral.rules import MP_RULES
 from fxcompress.validate import check_fields, check_range, require_instance
+
+log = logging.getLogger(__name__)  # progress, stage by stage: logging.basicConfig(level=logging.INFO)
 
 TRANSFORMS = ("auto", "projection", "selection", "magnitude")
 
@@ -201,11 +204,17 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
         keep_outputs(gm, config.outputs)
     if config.fold_batchnorm:
         gm = fold_batch_norms(gm)
+    log.info("captured %s: %d nodes (%.1f s)", type(model).__name__, len(gm.graph.nodes), time.perf_counter() - start)
     plan = analyze_graph(gm)
     targets = _targets(plan, config)
+    log.info("%d width groups, %d to calibrate on %d batches (%.1f s)", len(plan.groups), len(targets), len(batches),
+             time.perf_counter() - start)
     accs = calibrate(gm, targets, batches, config.correlated_samples) if targets else {}
+    log.info("calibrated (%.1f s)", time.perf_counter() - start)
     decisions = _select(gm, targets, accs, config)
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
+    log.info("widths chosen: %d of %d groups narrow (%.1f s)", len(projections), len(targets),
+             time.perf_counter() - start)
     before = num_parameters(gm)
     measure = not getattr(model, "training", False) and projections  # dropout would draw anew
     reference = _run(gm, args, kwargs) if measure else None
@@ -214,6 +223,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     report = tuple(_report(g, decisions.get(g.name)) for g in plan.groups)
     selections = {name: sel for name, (_, sel, _) in decisions.items() if sel is not None}
     change = _change(reference, _run(module, args, kwargs)) if measure else 0.0 if not projections else None
+    log.info("rewritten: %s → %s parameters (%.1f s)", f"{before:,}", f"{num_parameters(module):,}",
+             time.perf_counter() - start)
     return CompressResult(module, plan, report, before, num_parameters(module),
                           time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm,
                           None if config.outputs == "all" else config.outputs, change)

@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,6 +44,8 @@ from fxcompress.compress import CompressConfig, CompressResult, compress, num_pa
 from fxcompress.distill import DistillConfig, TaskLoss, accuracy, distill, inputs_of, rng_kept
 from fxcompress.errors import ConfigError, DataError, TrainingError
 from fxcompress.validate import check_fields, check_range, require_instance, require_reiterable
+
+log = logging.getLogger(__name__)  # a line per round as it ends: logging.basicConfig(level=logging.INFO)
 
 FORMAT = "fxcompress-rmtkd/1"
 CHECKPOINT = "checkpoint.pt"
@@ -231,6 +234,10 @@ def _run(model, train_data, val_data, config: RMTKDConfig, calib_data, evaluate,
         if out is not None and rank == 0:
             state.save(out, base, config, train_data)
         _barrier()
+        log.info("round %d: %s; %s → %s parameters, accuracy %s projected, %s tuned (%.1f s)%s", record.index,
+                 ", ".join(f"{g} {d}→{k}" for g, (d, k) in record.widths.items() if k < d) or "nothing narrowed",
+                 f"{record.params_before:,}", f"{record.params_after:,}", _accuracy(record.accuracy_projected),
+                 _accuracy(record.accuracy), record.seconds, "" if record.accepted else f"; rolled back: {record.note}")
         if on_round is not None:
             on_round(record)
     result = RMTKDResult(current, tuple(state.steps), tuple(state.rounds), state.baseline, state.floor, stop,
@@ -461,6 +468,10 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
         return [d for key in sorted(set(saved) | set(current))
                 for d in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
     return [] if saved == current else [f"{prefix[:-1]} was {saved!r}, is now {current!r}"]
+
+
+def _accuracy(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _fingerprint(module: nn.Module) -> str:

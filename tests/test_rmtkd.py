@@ -1,6 +1,7 @@
 """The RMT-KD loop: planted width, stopping criteria, checkpoints, resume, torchrun."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -36,11 +37,17 @@ def test_finds_the_planted_width_and_stops_when_no_noise_is_left():
     assert result.module(x).shape == (500, 4)
 
 
-def test_stops_at_the_target_reduction():
+def test_stops_at_the_target_reduction(caplog):
     train, val = task()
-    result = fxcompress.rmtkd(trained(depth=2), train, val, _config(target_reduction=0.3))
+    with caplog.at_level(logging.INFO, logger="fxcompress"):
+        result = fxcompress.rmtkd(trained(depth=2), train, val, _config(target_reduction=0.3))
     assert result.stop == "target-reached" and result.reduction >= 0.3
     assert sum(r.narrowed for r in result.rounds) == 1  # the first round already passed the target
+    rounds = [r.getMessage() for r in caplog.records if r.name == "fxcompress.rmtkd"]
+    assert len(rounds) == len(result.rounds) and rounds[0].startswith("round 0: ")  # a line per round, as it ends
+    stages = [r.getMessage() for r in caplog.records if r.name == "fxcompress.compress"]
+    expected = ("captured ", "width groups", "calibrated ", "widths chosen", "rewritten: ")  # each stage as it ends
+    assert len(stages) >= 5 and all(word in line for word, line in zip(expected, stages)), stages
 
 
 def test_accuracy_floor_rolls_the_round_back():
