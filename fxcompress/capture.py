@@ -81,9 +81,15 @@ def output_names(gm: GraphModule) -> list[str]:
     ``ModelOutput`` (``logits``), a dict key, or an index."""
     spec = gm.graph._codegen.pytree_info.out_spec
     tree = torch.utils._pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-    paths = [path for path, _ in torch.utils._pytree.tree_flatten_with_path(tree)[0]]
-    return [str(next((getattr(p, a) for a in ("key", "name", "idx") if hasattr(p, a)), "")) if path else ""
-            for path in paths for p in path[:1] or [None]]
+    return [_first_key(path) for path, _ in torch.utils._pytree.tree_flatten_with_path(tree)[0]]
+
+
+def _first_key(path: tuple) -> str:
+    """The first entry of a pytree key path as a name: a mapping key, an attribute, an index."""
+    if not path:
+        return ""
+    entry = path[0]
+    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", ""))))
 
 
 def keep_outputs(gm: GraphModule, names: tuple[str, ...]) -> GraphModule:

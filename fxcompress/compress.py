@@ -216,7 +216,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     log.info("widths chosen: %d of %d groups narrow (%.1f s)", len(projections), len(targets),
              time.perf_counter() - start)
     before = num_parameters(gm)
-    measure = not getattr(model, "training", False) and projections  # dropout would draw anew
+    measure = bool(projections) and not getattr(model, "training", False)  # dropout would draw anew
     reference = _run(gm, args, kwargs) if measure else None
     module = rewrite(gm, plan, projections, inplace=True)  # gm is this call's own capture
     own_weights(module, model)  # copies what the rewrite left as it was: the result is the caller's to train

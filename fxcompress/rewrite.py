@@ -389,19 +389,12 @@ def _add_expert_bias(gm: GraphModule, node: Node, weight_name: str, value: torch
     name = _fresh_attribute(gm, weight_name.rpartition(".")[0].replace(".", "_") + "_expert_bias")
     _set(gm, name, value.to(_get(gm, weight_name).dtype), parameter=True)
     call = gm.graph.call_function
-    with gm.graph.inserting_after(node):
+    with gm.graph.inserting_before(node.next):  # in this order, right after the product
         column = call(aten.select.int, (node, 1, 0))
-    with gm.graph.inserting_after(column):
         ones = call(aten.ones_like.default, (column,), {"dtype": offs.meta["val"].dtype})
-    with gm.graph.inserting_after(ones):
         rows = call(aten.cumsum.default, (ones, 0))  # row r counts r + 1
-    with gm.graph.inserting_after(rows):
         expert = call(aten.searchsorted.Tensor, (offs, rows))
-    with gm.graph.inserting_after(expert):
-        bias = gm.graph.get_attr(name)
-    with gm.graph.inserting_after(bias):
-        per_row = call(aten.index.Tensor, (bias, [expert]))
-    with gm.graph.inserting_after(per_row):
+        per_row = call(aten.index.Tensor, (gm.graph.get_attr(name), [expert]))
         added = call(aten.add.Tensor, (node, per_row))
     node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added and user is not column)
 

@@ -65,11 +65,6 @@ class WidthGroup:
     routing: str | None = None
 
     @property
-    def width(self) -> int:
-        """The width of the activations: ``size``, or one expert's block of it (``routing``)."""
-        return self.block_size if self.routing else self.size
-
-    @property
     def block_size(self) -> int:
         """The width of one block (a head's dim, a convolution group's channels), ``size`` without blocks."""
         return self.size // self.blocks

@@ -11,6 +11,7 @@ ever assumed to be elementwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections import defaultdict
 from typing import Any
@@ -419,12 +420,8 @@ def _size_key(size: Any) -> int | str:
 
 def _product(sizes: tuple) -> int | None:
     """The product of known sizes; None if any is symbolic."""
-    out = 1
-    for size in sizes:
-        if not isinstance(size, int):
-            return None
-        out *= size
-    return out
+    out = functools.reduce(_mul, sizes, 1)
+    return out if isinstance(out, int) else None
 
 
 def _mul(a: Any, b: Any) -> Any:
@@ -657,7 +654,8 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
         width = sum(length for _, _, length, _ in leaves)
         blocks, why = cut.get(root, (1, None))
         frozen = [r for k in keys for r in ctx.frozen.get(k, [])]
-        counts = {_extent(ctx, use) // width if width and _extent(ctx, use) % width == 0 else 0 for use in uses_of[root]}
+        extents = {use: _extent(ctx, use) for use in uses_of[root]}
+        counts = {extent // width if width and extent % width == 0 else 0 for extent in extents.values()}
         sizes = [size for size in (_key_size(ctx, k) for k in keys) if size > 0]
         tiled = counts <= {blocks} and width * blocks == max(sizes, default=-1)
         within = width == min(sizes, default=-1)  # the cut is of one head (not of several heads at once)
@@ -673,7 +671,7 @@ def _distribute_segments(ctx: Context, members: dict[DimKey, list[DimKey]]) -> d
         effects = [e for k in keys for e in ctx.effects.get(k, [])]
         for part, offset, length, tensor in leaves:
             # probed at the part itself: where it enters a concatenation, or leaves a split
-            copies = {use: _extent(ctx, use) // width if part in shared else blocks for use in uses_of[root]}
+            copies = {use: extent // width if part in shared else blocks for use, extent in extents.items()}
             for block in range(max(copies.values(), default=0)):
                 for use in (use for use in uses_of[root] if block < copies[use]):
                     sliced = dataclasses.replace(use, offset=use.offset + block * width + offset, length=length,
