@@ -9,6 +9,7 @@ The pipeline, one module per stage:
   bulk, and the rules that choose how many directions a layer keeps;
 * :mod:`fxcompress.rewrite` — apply a projection per group, narrowing every coupled op;
 * :mod:`fxcompress.compress` — all of the above in one call;
+* :mod:`fxcompress.surgery` — the narrowed widths on the user's own class (``result.to_module()``);
 * :mod:`fxcompress.distill` — fine-tuning with the RMT-KD distillation loss;
 * :mod:`fxcompress.rmtkd` — the iterative loop: project, distil, repeat, with checkpoints;
 * :mod:`fxcompress.export` — validated ONNX export; :mod:`fxcompress.bench` and
@@ -23,7 +24,7 @@ from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
 from fxcompress.distill import DistillConfig, DistillResult, accuracy, distill, kd_loss
 from fxcompress.errors import (CaptureError, ConfigError, DataError, DatasetError, ExportError, FxCompressError,
-                               TrainingError)
+                               SurgeryError, TrainingError)
 from fxcompress.export import ExportReport, export_onnx, validate_onnx
 from fxcompress.rewrite import Projection, RewriteError, exact_transforms, fold_batch_norms, rewrite
 from fxcompress.rmtkd import RMTKDConfig, RMTKDResult, Round, rmtkd
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError", "CompressConfig", "CompressResult", "ConfigError", "CovarianceAccumulator", "DataError",
     "DatasetError", "DistillConfig", "DistillResult", "ExportError", "ExportReport", "FxCompressError", "Plan",
-    "Projection", "RMTKDConfig", "RMTKDResult", "RankSelection", "RewriteError", "Round", "TrainingError",
+    "Projection", "RMTKDConfig", "RMTKDResult", "RankSelection", "RewriteError", "Round", "SurgeryError", "TrainingError",
     "WidthGroup", "accuracy", "analyze", "analyze_graph", "calibrate", "capture", "compress", "distill",
     "exact_transforms", "export_onnx", "fold_batch_norms", "kd_loss", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
 ]

@@ -33,6 +33,7 @@ from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
 from fxcompress.spectral.mp import TRACY_WIDOM_QUANTILES
 from fxcompress.spectral.rules import MP_RULES
+from fxcompress.surgery import narrowed_copy
 from fxcompress.validate import check_fields, check_range, require_instance
 
 log = logging.getLogger(__name__)  # progress, stage by stage: logging.basicConfig(level=logging.INFO)
@@ -150,6 +151,15 @@ class CompressResult:
     # batch (a batch the widths were chosen on, so a floor on what new data will see); None
     # where the model was in training mode (dropout draws differ)
     output_change: float | None = None
+    source: Any = dataclasses.field(default=None, repr=False)  # the model given to compress (never mutated)
+    example: tuple[tuple, dict] | None = dataclasses.field(default=None, repr=False)  # (args, kwargs) of capture
+
+    def to_module(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The narrowed model as an instance of its own class (``generate``, ``save_pretrained``
+        and the class's own methods keep working): a copy of ``model`` (by default the one
+        ``compress`` was given) with the compressed tensors, checked against :attr:`module` on
+        the example batch to 1e-5. See :mod:`fxcompress.surgery`."""
+        return narrowed_copy(self.source if model is None else model, self.module, self.example)
 
     @property
     def compressed(self) -> tuple[GroupReport, ...]:
@@ -227,7 +237,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
              time.perf_counter() - start)
     return CompressResult(module, plan, report, before, num_parameters(module),
                           time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm,
-                          None if config.outputs == "all" else config.outputs, change)
+                          None if config.outputs == "all" else config.outputs, change, model, (args, kwargs))
 
 
 def _run(module: GraphModule, args: tuple, kwargs: dict) -> list[torch.Tensor]:

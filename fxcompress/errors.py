@@ -35,3 +35,7 @@ class TrainingError(FxCompressError):
 
 class ExportError(FxCompressError):
     """An ONNX export failed or does not compute what the PyTorch module does."""
+
+
+class SurgeryError(FxCompressError):
+    """The narrowed widths do not fit the user's own class: its code fixes a width itself."""

@@ -43,6 +43,7 @@ from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress, num_parameters, rebuild
 from fxcompress.distill import DistillConfig, TaskLoss, accuracy, distill, inputs_of, rng_kept
 from fxcompress.errors import ConfigError, DataError, TrainingError
+from fxcompress.surgery import narrowed_copy
 from fxcompress.validate import check_fields, check_range, require_instance, require_reiterable
 
 log = logging.getLogger(__name__)  # a line per round as it ends: logging.basicConfig(level=logging.INFO)
@@ -123,6 +124,12 @@ class RMTKDResult:
     params_final: int
     accuracy: float
     seconds: float
+    source: Any = dataclasses.field(default=None, repr=False)  # the model given to rmtkd (never mutated)
+    example: tuple[tuple, dict] | None = dataclasses.field(default=None, repr=False)  # (args, kwargs) of capture
+
+    def to_module(self, model: nn.Module | None = None) -> nn.Module:
+        """The final model as an instance of its own class: see :meth:`CompressResult.to_module`."""
+        return narrowed_copy(self.source if model is None else model, self.module, self.example)
 
     @property
     def reduction(self) -> float:
@@ -241,7 +248,8 @@ def _run(model, train_data, val_data, config: RMTKDConfig, calib_data, evaluate,
         if on_round is not None:
             on_round(record)
     result = RMTKDResult(current, tuple(state.steps), tuple(state.rounds), state.baseline, state.floor, stop,
-                         num_parameters(base), num_parameters(current), state.accuracy, time.perf_counter() - start)
+                         num_parameters(base), num_parameters(current), state.accuracy, time.perf_counter() - start,
+                         model, as_call(example))
     if out is not None and rank == 0:
         write_text(out / "report.json", json.dumps(result.to_dict(), indent=2))
     return result
