@@ -9,6 +9,8 @@ The pipeline, one module per stage:
   bulk, and the rules that choose how many directions a layer keeps;
 * :mod:`fxcompress.rewrite` — apply a projection per group, narrowing every coupled op;
 * :mod:`fxcompress.compress` — all of the above in one call;
+* :mod:`fxcompress.saved` — ``result.save(dir)`` / :func:`fxcompress.load`: safetensors, JSON
+  and a ``torch.export`` program, never pickle;
 * :mod:`fxcompress.surgery` — the narrowed widths on the user's own class (``result.to_module()``);
 * :mod:`fxcompress.distill` — fine-tuning with the RMT-KD distillation loss;
 * :mod:`fxcompress.rmtkd` — the iterative loop: project, distil, repeat, with checkpoints;
@@ -28,6 +30,7 @@ from fxcompress.errors import (CaptureError, ConfigError, DataError, DatasetErro
 from fxcompress.export import ExportReport, export_onnx, validate_onnx
 from fxcompress.rewrite import Projection, RewriteError, exact_transforms, fold_batch_norms, rewrite
 from fxcompress.rmtkd import RMTKDConfig, RMTKDResult, Round, rmtkd
+from fxcompress.saved import load
 from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_rank
 
 __version__ = "0.1.0"
@@ -37,5 +40,5 @@ __all__ = [
     "DatasetError", "DistillConfig", "DistillResult", "ExportError", "ExportReport", "FxCompressError", "Plan",
     "Projection", "RMTKDConfig", "RMTKDResult", "RankSelection", "RewriteError", "Round", "SurgeryError", "TrainingError",
     "WidthGroup", "accuracy", "analyze", "analyze_graph", "calibrate", "capture", "compress", "distill",
-    "exact_transforms", "export_onnx", "fold_batch_norms", "kd_loss", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
+    "exact_transforms", "export_onnx", "fold_batch_norms", "kd_loss", "load", "rebuild", "rewrite", "rmtkd", "select_rank", "validate_onnx",
 ]

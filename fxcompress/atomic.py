@@ -36,7 +36,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual mode
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a result file gets the usual mode
         _fsync(tmp)
         os.replace(tmp, target)
         _fsync(target.parent)
@@ -123,7 +123,7 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

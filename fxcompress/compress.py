@@ -14,9 +14,11 @@ import inspect
 import itertools
 import logging
 import operator
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -160,6 +162,12 @@ class CompressResult:
         ``compress`` was given) with the compressed tensors, checked against :attr:`module` on
         the example batch to 1e-5. See :mod:`fxcompress.surgery`."""
         return narrowed_copy(self.source if model is None else model, self.module, self.example)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the compressed model to the folder ``path`` (safetensors, JSON and a
+        ``torch.export`` program; no pickle): :func:`fxcompress.load` reads it back."""
+        from fxcompress.saved import save  # saved rebuilds through this module
+        return save(self, path)
 
     @property
     def compressed(self) -> tuple[GroupReport, ...]:

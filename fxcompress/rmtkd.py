@@ -131,6 +131,12 @@ class RMTKDResult:
         """The final model as an instance of its own class: see :meth:`CompressResult.to_module`."""
         return narrowed_copy(self.source if model is None else model, self.module, self.example)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the compressed model to the folder ``path`` (safetensors, JSON and a
+        ``torch.export`` program; no pickle): :func:`fxcompress.load` reads it back."""
+        from fxcompress.saved import save  # saved rebuilds through this module
+        return save(self, path)
+
     @property
     def reduction(self) -> float:
         return 1 - self.params_final / self.params_original
