@@ -115,24 +115,18 @@ def to_onnx(path: str | os.PathLike, folder: str | os.PathLike, *, trust_pt2: bo
             name: str | None = None) -> Path:
     """``path`` itself if it is ONNX; a PyTorch program saved with ``torch.export.save``
     (``.pt2``) is exported to ``folder/<name>.onnx`` first with :func:`fxcompress.export_onnx`
-    (validated), but only with ``trust_pt2=True``: :data:`PT2_RISK`."""
+    (validated). An archive holding anything ``torch.export.load`` would unpickle is
+    refused (:data:`PT2_RISK`) unless ``trust_pt2=True``."""
     path = Path(path)
     if path.suffix != ".pt2":
         return path
-    if not trust_pt2:
-        raise DataError(f"{path}: {PT2_RISK}. Pass --trust-pt2 (trust_pt2=True) only for a file you made "
-                        "yourself, or export the model to ONNX with fxcompress.export_onnx")
-    if not path.is_file():
-        raise DataError(f"no such model file: {path}")
-    import torch
-
     from fxcompress.capture import capture
     from fxcompress.export import export_onnx
+    from fxcompress.saved import load_program
 
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path} is not a program saved by torch.export.save: {type(exc).__name__}: {exc}") from None
+    program = load_program(path, trust=trust_pt2, remedy="pass --trust-pt2 (trust_pt2=True) only for a file you "
+                                                         "made yourself, or export the model to ONNX with "
+                                                         "fxcompress.export_onnx")
     if program.example_inputs is None:
         raise DataError(f"{path} holds no example inputs: export it with example inputs and save it again")
     args, kwargs = program.example_inputs

@@ -8,8 +8,10 @@ device, a batch size of 0, an unreadable data directory, an ``--out`` that canno
 written, a full disk) ends with one line on stderr, exit code 2, and nothing written:
 results are written to a staging folder beside ``--out`` and moved in only when complete.
 
-A ``.pt2`` program (``torch.export.save``) is read only with ``--trust-pt2``: reading one
-can run code hidden in the file. ONNX files carry no code.
+A ``.pt2`` program (``torch.export.save``) is read only after a check that it holds nothing
+``torch.export.load`` would unpickle, evaluate or call outside the operator registries (a
+crafted file can run code that way); ``--trust-pt2`` skips the check, for files you made
+yourself. ONNX files carry no code.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("models", nargs="+", help="ONNX files (or, with --trust-pt2, programs saved with torch.export.save, "
                                                "exported to ONNX first); the first is the reference of every ratio")
     cmp.add_argument("--trust-pt2", action="store_true",
-                     help="read .pt2 programs: torch.export.load unpickles and evaluates what the file holds, so "
-                          "pass this only for files you made yourself")
+                     help="read .pt2 programs unchecked (pickled payloads, Python in shape expressions): torch.export.load "
+                          "would run them, so pass this only for files you made yourself")
     cmp.add_argument("--out", required=True, help="directory for results.json, results.csv, results.md, plots")
     cmp.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
     cmp.add_argument("--repeats", type=int, default=3, help="alternating repeats per model (default 3)")

@@ -29,14 +29,16 @@ import io
 import json
 import os
 import re
+import tokenize
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+import torch.utils._sympy.functions
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -166,10 +168,25 @@ def _load_program(folder: Path, meta: Mapping[str, Any]) -> nn.Module:
         why = (meta.get("program") or {}).get("error", "not saved")
         raise ConfigError(f"{folder} holds no program ({why}): load it with model=, the original model, "
                           "from which the saved steps rebuild it")
-    archive = folder / PROGRAM
-    check_archive(archive)
-    _register_outputs(archive)
-    return torch.export.load(archive).module()
+    return load_program(folder / PROGRAM, remedy="load the folder with model= (the original model) instead, "
+                                                 "which reads only its safetensors").module()
+
+
+def load_program(path: str | os.PathLike, *, trust: bool = False,
+                 remedy: str = "pass trust=True only for a file you made yourself") -> torch.export.ExportedProgram:
+    """``torch.export.load(path)``, once :func:`check_archive` found nothing in it that would run
+    code (unless ``trust``); ``remedy`` ends the refusal's message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such program file: {path}")
+    if not trust:
+        check_archive(path, remedy)
+    _register_outputs(path)
+    try:
+        return torch.export.load(path)
+    except Exception as exc:  # torch raises many types; all mean "not a program"
+        raise ConfigError(f"{path} is not a program saved by torch.export.save: {type(exc).__name__}: "
+                          f"{str(exc).strip()[:300]}") from None
 
 
 def _register_outputs(path: Path) -> None:
@@ -186,19 +203,21 @@ def _register_outputs(path: Path) -> None:
                 importlib.import_module(module)
 
 
-def check_archive(path: Path) -> None:
+def check_archive(path: Path, remedy: str) -> None:
     """Refuse a ``.pt2`` archive that holds anything ``torch.export.load`` would unpickle
-    (pickled weights or constants, custom objects, non-tensor sample inputs) or compiled code."""
+    (pickled weights or constants, custom objects, non-tensor sample inputs), evaluate (a
+    shape expression that is not one), or call (a node target outside the operator
+    registries), or compiled code."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{path} is not a torch.export archive ({exc}): the folder is damaged; save it again") from None
     with archive:
         for name in archive.namelist():
-            _check_entry(archive, name, path)
+            _check_entry(archive, name, path, remedy)
 
 
-def _check_entry(archive: zipfile.ZipFile, name: str, path: Path) -> None:
+def _check_entry(archive: zipfile.ZipFile, name: str, path: Path, remedy: str) -> None:
     part = name.split("/", 1)[-1]
     refuse = None
     if part.startswith(("data/aotinductor/", "data/extra/")) or part.endswith((".so", ".cpp")):
@@ -210,14 +229,64 @@ def _check_entry(archive: zipfile.ZipFile, name: str, path: Path) -> None:
         if any(e.get("use_pickle") or not str(e.get("path_name", "")).startswith(("weight_", "tensor_"))
                for e in entries.values()):
             refuse = "pickled tensors or custom objects"
+    elif part.startswith("models/") and part.endswith(".json"):
+        refuse = _unsafe_graph(json.loads(archive.read(name)))
     elif part.startswith("data/sample_inputs/"):
         try:
             torch.load(io.BytesIO(archive.read(name)), weights_only=True)  # the safe unpickler; export.load falls back to the unsafe one
         except Exception:  # any failure here is what the unsafe fallback would have run
             refuse = "sample inputs that only the unsafe unpickler reads"
     if refuse:
-        raise ConfigError(f"{path} holds {refuse} ({name}): refused, since loading it could run code. "
-                          "Load the folder with model= (the original model) instead, which reads only its safetensors")
+        raise ConfigError(f"{path} holds {refuse} ({name}): refused, since loading it could run code; {remedy}")
+
+
+#: What a graph node may call: registered operators, and the few Python functions export writes.
+SAFE_TARGET = re.compile(r"(torch\.ops\.(aten|prims|higher_order)|_operator|math)\.[A-Za-z_][\w.]*")
+#: The names a shape expression may hold (it is read with ``sympy.sympify``, which evaluates Python).
+SYMPY_NAMES = frozenset({
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Mod", "Abs", "floor", "ceiling",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality", "Unequality", "StrictLessThan", "StrictGreaterThan",
+    "LessThan", "GreaterThan", "And", "Or", "Not", "Piecewise", "ExprCondPair", "true", "false", "oo", "zoo",
+    "nan", "Infinity", "NegativeInfinity", "BooleanTrue", "BooleanFalse", "True", "False", "None",
+    "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero", "zero", "even",
+    "odd", "rational", "commutative", *torch.utils._sympy.functions.__all__})
+
+
+def _unsafe_graph(graph: Any) -> str | None:
+    """What in a serialised program would run code when it is read or called: a node target
+    outside the operator registries, or a shape expression beyond numbers, symbols and the
+    functions of :data:`SYMPY_NAMES` (``sympy.sympify`` evaluates the string as Python)."""
+    for key, value in _items(graph):
+        if key == "target" and isinstance(value, str) and not SAFE_TARGET.fullmatch(value):
+            return f"a call of {value[:80]!r}"
+        if key == "expr_str" and isinstance(value, str) and not _plain_expression(value):
+            return f"the shape expression {value[:80]!r}"
+    return None
+
+
+def _items(tree: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield key, value
+            yield from _items(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _items(value)
+
+
+def _plain_expression(text: str) -> bool:
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    for token in tokens:
+        if token.type == tokenize.NAME and token.string not in SYMPY_NAMES \
+                or token.type == tokenize.STRING and not re.fullmatch(r"'[A-Za-z]+\d*'", token.string) \
+                or token.type == tokenize.OP and token.string not in {"(", ")", ",", "=", "+", "-", "*", "/", "**"} \
+                or token.type not in (tokenize.NAME, tokenize.STRING, tokenize.OP, tokenize.NUMBER,
+                                      tokenize.NEWLINE, tokenize.ENDMARKER):
+            return False
+    return True
 
 
 def _example(folder: Path, meta: Mapping[str, Any]) -> tuple[tuple, dict]:

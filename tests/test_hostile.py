@@ -5,10 +5,9 @@ Each trap is first shown to be live (the unprotected path does run the payload),
 here fails if the protection goes away.
 """
 
-import io
 import json
-import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -47,11 +46,14 @@ def _onnx_pair(folder: Path) -> tuple[Path, Path]:
     return a, b
 
 
-def _crafted_pt2(folder: Path, marker: Path, how: str) -> Path:
-    """A real ``torch.export.save`` archive with one member replaced by a pickle payload."""
-    program = torch.export.export(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
-    clean, crafted = folder / "clean.pt2", folder / f"{how}.pt2"
-    torch.export.save(program, clean)
+def _crafted_pt2(folder: Path, marker: Path, how: str, clean: Path | None = None) -> Path:
+    """A real ``torch.export.save`` archive (``clean``, else a linear layer with a dynamic batch)
+    with one member changed to run code: a pickle payload, or Python in a shape expression."""
+    if clean is None:
+        clean = folder / "clean.pt2"
+        batch = {0: torch.export.Dim.AUTO}
+        torch.export.save(torch.export.export(torch.nn.Linear(8, 4), (torch.randn(2, 8),), dynamic_shapes=(batch,)), clean)
+    crafted = folder / f"{how}.pt2"
     with zipfile.ZipFile(clean) as src, zipfile.ZipFile(crafted, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
             data = src.read(info.filename)
@@ -59,28 +61,72 @@ def _crafted_pt2(folder: Path, marker: Path, how: str) -> Path:
                 data = pickle.dumps(Payload(marker))
             elif how == "pickled-weight" and info.filename.endswith("model_weights_config.json"):
                 config = json.loads(data)
-                config["config"]["weight"]["use_pickle"] = True
+                next(iter(config["config"].values()))["use_pickle"] = True
                 data = json.dumps(config).encode()
             elif how == "pickled-weight" and info.filename.endswith("data/weights/weight_0"):
                 data = pickle.dumps(Payload(marker))
+            elif how == "shape-expression" and "/models/" in info.filename:
+                text = data.decode()
+                symbol = re.search(r"Symbol\('s\d+', positive=True, integer=True\)", text)
+                assert symbol, "the program has no symbolic shape to replace"
+                trap = f"(__import__('pathlib').Path({str(marker)!r}).touch(), {symbol[0]})[1]"
+                data = text.replace(symbol[0], json.dumps(trap)[1:-1], 1).encode()
             dst.writestr(info, data)
     return crafted
 
 
-@pytest.mark.parametrize("how", ["sample-inputs", "pickled-weight"])
-def test_a_crafted_pt2_runs_nothing(tmp_path, how, capsys):
-    marker = tmp_path / "pwned"
-    crafted = _crafted_pt2(tmp_path, marker, how)
+HOW = ["sample-inputs", "pickled-weight", "shape-expression"]
+
+
+def _live(crafted: Path, marker: Path) -> None:
+    """Show the trap runs where the file is read unprotected."""
     live = subprocess.run([sys.executable, "-c", f"import torch; torch.export.load({str(crafted)!r})"],
                           capture_output=True, text=True)
     assert marker.exists(), f"the trap is not live: {live.stderr[-500:]}"  # torch.export.load runs it
     marker.unlink()
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_crafted_pt2_runs_nothing(tmp_path, how, capsys):
+    marker = tmp_path / "pwned"
+    crafted = _crafted_pt2(tmp_path, marker, how)
+    _live(crafted, marker)
     a, _ = _onnx_pair(tmp_path)
     out = tmp_path / "bench"
     assert main(["compare", str(crafted), str(a), "--out", str(out), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "--trust-pt2" in err and len(err.strip().splitlines()) == 1
+    assert "--trust-pt2" in err and "refused, since loading it could run code" in err
+    assert len(err.strip().splitlines()) == 1
     assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_saved_folder_with_a_crafted_program_runs_nothing(tmp_path, how):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    batches = [torch.randn(32, 8) for _ in range(2)]
+    folder = fxcompress.compress(model, batches, CompressConfig(rule="fixed", ratio=0.5)).save(tmp_path / "saved")
+    marker = tmp_path / "pwned"
+    crafted = _crafted_pt2(tmp_path, marker, how, clean=folder / "program.pt2")
+    _live(crafted, marker)
+    crafted.replace(folder / "program.pt2")
+    with pytest.raises(ConfigError, match="refused, since loading it could run code; load the folder with model="):
+        fxcompress.load(folder)
+    assert not marker.exists()
+    torch.testing.assert_close(fxcompress.load(folder, model)(batches[0]),  # the safetensors route still works
+                               fxcompress.load(folder, model, own_class=True)(batches[0]))
+
+
+def test_a_program_that_calls_outside_the_operator_registries_is_refused(tmp_path):
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(8, 4), (torch.randn(2, 8),)), clean)
+    crafted = tmp_path / "call.pt2"
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            dst.writestr(info, data.replace(b'"torch.ops.aten.linear.default"', b'"torch.hub.load"')
+                         if "/models/" in info.filename else data)
+    with pytest.raises(ConfigError, match="a call of 'torch.hub.load'"):
+        fxcompress.saved.load_program(crafted)
 
 
 def test_a_fxcompress_folder_in_the_working_directory_is_not_imported(tmp_path, monkeypatch):
@@ -89,7 +135,7 @@ def test_a_fxcompress_folder_in_the_working_directory_is_not_imported(tmp_path, 
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (fake / "bench.py").write_text("")
-    live = subprocess.run([sys.executable, "-m", "fxcompress.bench", "{}"], cwd=fake.parent, capture_output=True)
+    subprocess.run([sys.executable, "-m", "fxcompress.bench", "{}"], cwd=fake.parent, capture_output=True)
     assert marker.exists(), "the trap is not live"  # a plain `python -m` from that folder imports it
     marker.unlink()
     a, b = _onnx_pair(tmp_path)
