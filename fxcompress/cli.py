@@ -1,7 +1,10 @@
-"""``fxcompress-bench``: compare ONNX models side by side, as deployed.
+"""``fxcompress``: compress a model, and compare ONNX models side by side, as deployed.
 
-    fxcompress-bench compare original.onnx compressed.onnx --batch-sizes 1,32 --out bench/
-    fxcompress-bench env
+    fxcompress compress torchvision:resnet18 --calib calib.safetensors --out resnet18-half/ --rule fixed --ratio 0.5
+    fxcompress compare original.onnx compressed.onnx --batch-sizes 1,32 --out bench/
+    fxcompress env
+
+(``fxcompress-bench`` and ``python -m fxcompress`` are the same command.)
 
 Bad input (a missing file, a file that is not ONNX, different input signatures, an unknown
 device, a batch size of 0, an unreadable data directory, an ``--out`` that cannot be
@@ -25,17 +28,24 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 from fxcompress import __version__
 from fxcompress.errors import ConfigError, FxCompressError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxcompress-bench", description=__doc__.replace("``", ""),
+def cli(argv: list[str] | None = None) -> int:
+    """The ``fxcompress`` command."""
+    return main(argv, prog="fxcompress")
+
+
+def main(argv: list[str] | None = None, prog: str = "fxcompress-bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
     cmp = sub.add_parser("compare", help="measure two or more ONNX models side by side (the first is the reference)",
                          description="Latency, throughput, memory and energy of ONNX models, each run in fresh "
                                      "processes, alternating models over the repeats.")
@@ -63,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with _terminate_unwinds():
         try:
+            if args.command == "compress":
+                return _compress(args)
             if args.command == "env":
                 from fxcompress.bench import environment
 
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             return _compare(args)
         except (FxCompressError, OSError) as exc:  # OSError: an unwritable --out, a full disk, …
-            print(f"fxcompress-bench: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
 
 
@@ -119,6 +131,153 @@ def _compare(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _add_compress(sub: Any) -> None:
+    cmd = sub.add_parser("compress", help="compress a model with the spectra of its activations, and save it",
+                         description="Capture MODEL, calibrate it on --calib, narrow it and write the saved folder "
+                                     "(model.safetensors, fxcompress.json, program.pt2, report.txt) to --out. "
+                                     "Progress goes to stderr, the report to stdout.")
+    cmd.add_argument("model", help="torchvision:NAME (e.g. torchvision:resnet18), transformers:TYPE or "
+                                   "transformers:config.json (e.g. transformers:gpt2), both built with random weights "
+                                   "unless --weights, or a torch.export.save program (.pt2)")
+    cmd.add_argument("--calib", required=True, help="calibration inputs: a .safetensors or .npz file, one array per "
+                                                    "input (one array: positional; several: keyword inputs by name), "
+                                                    "samples along the first axis")
+    cmd.add_argument("--out", required=True, help="folder to write the compressed model to")
+    cmd.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    cmd.add_argument("--weights", default=None, help="a .safetensors state dict for a torchvision/transformers model")
+    cmd.add_argument("--num-classes", type=int, default=None, help="torchvision: classes of the head (default its own)")
+    cmd.add_argument("--head", default="base", choices=sorted(HEADS),
+                     help="transformers: the model class (default base: AutoModel)")
+    cmd.add_argument("--rule", default=None, help="rank rule (default the paper's mp-hist): mp-hist, mp-robust, "
+                                                  "fixed, energy, gavish-donoho, …")
+    for name, kind in (("q", float), ("alpha", float), ("tau", float), ("ratio", float), ("k", int), ("round-to", int)):
+        cmd.add_argument(f"--{name}", type=kind, default=None, help=f"the rule's {name} (CompressConfig.{name.replace('-', '_')})")
+    cmd.add_argument("--transform", default=None, help="auto, projection, selection or magnitude")
+    cmd.add_argument("--targets", default=None, help="comma-separated group names or glob patterns (default all)")
+    cmd.add_argument("--outputs", default=None, help="comma-separated output names the result keeps (default all)")
+    cmd.add_argument("--fold-batchnorm", action="store_true", help="fold BatchNorm into the layer before it first")
+    cmd.add_argument("--onnx", action="store_true", help="also write model.onnx (validated against the module)")
+    cmd.add_argument("--trust-pt2", action="store_true", help="read a .pt2 model unchecked (see compare --help)")
+    cmd.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import logging
+
+    import fxcompress
+
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    out = Path(args.out)
+    _check_writable(out)
+    config = _compress_config(args)
+    batches = _calibration(Path(args.calib), args.batch_size)
+    model = _model(args)
+    result = fxcompress.compress(model, batches, config)
+    result.save(out)
+    if args.onnx:
+        fxcompress.export_onnx(result.module, batches[0], out / "model.onnx")
+    print(result)
+    print(out)
+    return 0
+
+
+HEADS = {"base": "AutoModel", "causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
+         "sequence-classification": "AutoModelForSequenceClassification",
+         "image-classification": "AutoModelForImageClassification"}
+
+
+def _compress_config(args: argparse.Namespace) -> Any:
+    from fxcompress import CompressConfig
+
+    given = {"rule": args.rule, "q": args.q, "alpha": args.alpha, "tau": args.tau, "ratio": args.ratio, "k": args.k,
+             "round_to": args.round_to, "transform": args.transform, "fold_batchnorm": args.fold_batchnorm or None,
+             "targets": tuple(args.targets.split(",")) if args.targets else None,
+             "outputs": tuple(args.outputs.split(",")) if args.outputs else None}
+    return CompressConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _calibration(path: Path, batch_size: int) -> list[Any]:
+    """Batches of ``batch_size`` samples: one tensor each (one array in the file), or a dict."""
+    import numpy as np
+    import safetensors.torch
+    import torch
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if not path.is_file():
+        raise ConfigError(f"--calib {path}: no such file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: torch.from_numpy(data[name]) for name in data.files}
+        elif path.suffix == ".safetensors":
+            arrays = safetensors.torch.load_file(path)
+        else:
+            raise ConfigError(f"--calib {path}: give a .safetensors or .npz file (no pickle)")
+    except (OSError, ValueError, safetensors.SafetensorError) as exc:
+        raise ConfigError(f"--calib {path} is not readable: {_one_line(exc)}") from None
+    sizes = {name: int(a.shape[0]) if a.ndim else 0 for name, a in arrays.items()}
+    if not arrays or len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
+        raise ConfigError(f"--calib {path}: every array needs the same number of samples along its first axis, "
+                          f"got {sizes or 'no arrays'}")
+    n = next(iter(sizes.values()))
+    parts = {name: a.split(batch_size) for name, a in arrays.items()}
+    if len(arrays) == 1:
+        return list(next(iter(parts.values())))
+    return [{name: parts[name][i] for name in arrays} for i in range(-(-n // batch_size))]
+
+
+def _model(args: argparse.Namespace) -> Any:
+    kind, _, name = args.model.partition(":")
+    if args.model.endswith(".pt2") and kind not in ("torchvision", "transformers"):
+        from fxcompress.saved import load_program
+
+        return load_program(args.model, trust=args.trust_pt2, remedy="pass --trust-pt2 only for a file you made yourself")
+    if kind == "torchvision" and name:
+        model = _torchvision(name, args.num_classes)
+    elif kind == "transformers" and name:
+        model = _transformers(name, args.head)
+    else:
+        raise ConfigError(f"model {args.model!r}: give torchvision:NAME, transformers:TYPE (or transformers:config.json) "
+                          "or a .pt2 program")
+    if args.weights:
+        _load_weights(model, Path(args.weights))
+    return model.eval()
+
+
+def _torchvision(name: str, num_classes: int | None) -> Any:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ConfigError(f"torchvision has no model {name!r}; it has e.g. resnet18, mobilenet_v3_small, vit_b_16")
+    return torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+
+
+def _transformers(name: str, head: str) -> Any:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(name) if name.endswith(".json") \
+            else transformers.AutoConfig.for_model(name)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"transformers:{name}: {_one_line(exc)}") from None
+    try:
+        return getattr(transformers, HEADS[head]).from_config(config)
+    except ValueError as exc:
+        raise ConfigError(f"transformers:{name} has no {head} model: {_one_line(exc)}") from None
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    import safetensors.torch
+
+    if not path.is_file():
+        raise ConfigError(f"--weights {path}: no such file")
+    missing, unexpected = safetensors.torch.load_model(model, path, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--weights {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def _check_writable(out: Path) -> None:

@@ -8,6 +8,7 @@ A saved folder holds:
   with ``model=``);
 * ``fxcompress.json`` — the steps that rebuild the architecture from the original model
   (:func:`fxcompress.rebuild`), the report, the versions that wrote it;
+* ``report.txt`` — the report as printed;
 * ``program.pt2`` — the compressed model as a ``torch.export`` program, where it exports, so
   it loads without the original model or its class.
 
@@ -49,6 +50,7 @@ from fxcompress.surgery import narrowed_copy
 
 FORMAT = "fxcompress.saved/1"
 META, WEIGHTS, INPUTS, PROGRAM = "fxcompress.json", "model.safetensors", "inputs.safetensors", "program.pt2"
+REPORT = "report.txt"
 SCALARS = (type(None), bool, int, float, str)
 
 
@@ -68,6 +70,7 @@ def save(result: Any, path: str | os.PathLike) -> Path:
         safetensors.torch.save_file(inputs, stage / INPUTS, metadata={"format": FORMAT})
         meta["program"] = _save_program(result.module, result.example, stage / PROGRAM)
         (stage / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        (stage / REPORT).write_text(f"{result}\n", encoding="utf-8")
         for file in stage.iterdir():
             file.chmod(0o666 & ~umask())  # as any file the user writes
     return target

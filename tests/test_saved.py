@@ -64,7 +64,7 @@ def test_save_then_a_fresh_process_loads_the_same_logits_without_the_class(name,
 def test_nothing_saved_is_a_pickle(tmp_path):
     _, result, _, folder = _saved("resnet18", tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["fxcompress.json", "inputs.safetensors", "model.safetensors",
-                                                       "program.pt2"]
+                                                       "program.pt2", "report.txt"]
     meta = json.loads((folder / "fxcompress.json").read_text())
     assert meta["steps"] == [result.step] and torch.__version__.startswith(meta["versions"]["torch"])
     with zipfile.ZipFile(folder / "program.pt2") as archive:
