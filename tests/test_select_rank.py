@@ -325,6 +325,29 @@ def test_plot_spectrum_writes_a_png(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["spectrum.png"]  # no temp file left
 
 
+def test_the_plot_has_one_cut_line_and_says_when_the_fit_is_poor():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fxcompress.spectral.plot import _draw
+
+    rng = np.random.default_rng(26)
+    clean = select_rank(spiked_eigenvalues(rng, 256, 1024, [40.0, 20.0]), 1024, "mp-robust", round_to=8)
+    heavy = select_rank(np.sort(rng.pareto(1.5, 256) + 0.1)[::-1] * 3, 1024, "mp-robust")  # no MP bulk
+    assert heavy.diagnostics.heavy_tailed and not clean.diagnostics.heavy_tailed
+    for selection, poor in ((clean, False), (heavy, True)):
+        fig, ax = plt.subplots()
+        _draw(ax, selection, "layer", 40)
+        cuts = [line for line in ax.lines if line.get_label().startswith("cut")]
+        assert len(cuts) == 1 and cuts[0].get_label() == f"cut: keep {selection.k} of 256"
+        x = cuts[0].get_xdata()[0]  # between the last kept eigenvalue and the first dropped one
+        assert selection.eigenvalues[selection.k] < x < selection.eigenvalues[selection.k - 1]
+        note = "\n".join(t.get_text() for t in ax.texts)
+        assert "bulk KS distance" in note and ("poor MP fit" in note) == poor
+        plt.close(fig)
+
+
 def test_plot_spectra_draws_a_panel_per_group(tmp_path):
     rng = np.random.default_rng(25)
     selections = {f"layer{i}": select_rank(spiked_eigenvalues(rng, 128, 512, [50.0 * (i + 1)]), 512) for i in range(4)}

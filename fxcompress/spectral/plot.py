@@ -19,8 +19,10 @@ def plot_spectrum(selection: RankSelection, path: str | os.PathLike, title: str 
                   bins: int = 80) -> None:
     """Write a PNG of ``selection``'s eigenvalue histogram with the MP density it implies.
 
-    The eigenvalues counted as signal are a red rug, λ+ and the rule's threshold dashed
-    lines. Spectra whose largest eigenvalue lies past 5·λ+ get a log x-axis.
+    The eigenvalues counted as signal are a red rug; one dashed line is the cut (the last kept
+    direction, after ``min_rank`` and ``round_to``); a note says how well the bulk fits MP, and
+    says so in red where it fits poorly. Spectra whose largest eigenvalue lies past 5·λ+ get
+    a log x-axis.
 
     Example:
         >>> plot_spectrum(select_rank(eig, n), "spectrum.png", title="layer1")  # doctest: +SKIP
@@ -79,16 +81,32 @@ def _draw(ax, selection: RankSelection, title: str | None, bins: int, fontsize: 
                 label=f"{kept.size} above threshold", clip_on=False)
     if fitted:
         grid = np.geomspace(max(lo, hi * 1e-4), hi, 400) if log_x else np.linspace(lo, hi, 400)
-        ax.plot(grid, mp.density(grid, selection.gamma, sigma2), color="black", lw=1.5, label=f"MP law, σ²={sigma2:.3g}")
-        ax.axvline(hi, color="#d62728", ls="--", lw=1, label=f"λ+ = {hi:.3g}")
-    if selection.threshold is not None and not np.isclose(selection.threshold, hi):
-        ax.axvline(selection.threshold, color="#ff7f0e", ls=":", lw=1.2, label=f"threshold = {selection.threshold:.3g}")
+        ax.plot(grid, mp.density(grid, selection.gamma, sigma2), color="black", lw=1.5,
+                label=f"MP law, σ²={sigma2:.3g}, λ+={hi:.3g}")
+    if selection.k < values.size:  # one line where the kept directions end, after min_rank and round_to
+        cut = float(np.sqrt(values[selection.k - 1] * values[selection.k])) if log_x else \
+            float(values[selection.k - 1] + values[selection.k]) / 2
+        ax.axvline(cut, color="#d62728", ls="--", lw=1.2, label=f"cut: keep {selection.k} of {selection.dim}")
+    notes = fit_notes(selection)
+    ax.text(0.98, 0.97, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=fontsize - 1,
+            color="#d62728" if selection.diagnostics.heavy_tailed else "#333333")
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel("eigenvalue", fontsize=fontsize)
     ax.set_ylabel("density", fontsize=fontsize)
     summary = f"{selection.rule}: keep {selection.k} of {selection.dim} ({selection.n_signal} above threshold)"
     ax.set_title(f"{title}\n{summary}" if title else summary, fontsize=fontsize)
+
+
+def fit_notes(selection: RankSelection) -> list[str]:
+    """How well the spectrum fits MP noise plus spikes, in a few words for the plot."""
+    d = selection.diagnostics
+    notes = [f"bulk KS distance {d.ks_distance:.3f}" if np.isfinite(d.ks_distance) else "too few eigenvalues to fit"]
+    if d.heavy_tailed:
+        notes.append(f"poor MP fit (σ² estimators differ by {d.sigma2_spread:.0%}): k depends on the rule")
+    if d.bulk_exhausted:
+        notes.append("little noise: almost every direction is above the edge")
+    return notes
 
 
 def _save(fig, path: str | os.PathLike) -> None:
