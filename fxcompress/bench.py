@@ -338,10 +338,13 @@ def compare(paths: list[str], config: BenchConfig = BenchConfig(), progress=prin
     if data is not None:
         _check_fits(models[0]["path"], models[0]["signature"], data[0])
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    total, start = config.repeats * len(config.batch_sizes) * len(models), time.perf_counter()
     for repeat in range(config.repeats):
         for batch in config.batch_sizes:
             for index, model in enumerate(models):
-                progress(f"repeat {repeat + 1}/{config.repeats}, batch {batch}: {model['name']}")
+                done = sum(map(len, runs.values()))
+                progress(f"[{done + 1}/{total}] repeat {repeat + 1}/{config.repeats}, batch {batch}: {model['name']}"
+                         f"{_eta(done, total, time.perf_counter() - start)}")
                 runs.setdefault((index, batch), []).append(_in_fresh_process(model["path"], batch, config))
     results = {"config": dataclasses.asdict(config), "environment": environment(config.device), "models": []}
     for index, model in enumerate(models):
@@ -354,6 +357,14 @@ def compare(paths: list[str], config: BenchConfig = BenchConfig(), progress=prin
             entry["batches"][str(batch)] = _summary(runs[(index, batch)], runs[(0, batch)], model, models[0])
         results["models"].append(entry)
     return results
+
+
+def _eta(done: int, total: int, elapsed: float) -> str:
+    """``", about 2 min 10 s left"`` from the pace so far (nothing before the first measurement)."""
+    if not done:
+        return ""
+    left = round(elapsed / done * (total - done))
+    return f", about {left // 60} min {left % 60} s left" if left >= 60 else f", about {left} s left"
 
 
 def accuracy(path: str, inputs: np.ndarray, labels: np.ndarray, sig: list[dict[str, Any]], batch: int = 100) -> float:

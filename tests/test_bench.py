@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -34,9 +35,12 @@ def pair(tmp_path_factory):
     return folder
 
 
-def test_compare_writes_every_field(pair, tmp_path):
+def test_compare_writes_every_field(pair, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["compare", str(pair / "original.onnx"), str(pair / "compressed.onnx"), "--out", str(out), *FAST]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(progress) == 8 and progress[0].startswith("[1/8] repeat 1/2, batch 1: original")  # 2 × 2 × 2 runs
+    assert progress[0].endswith("original") and all(re.search(r", about (\d+ min )?\d+ s left$", p) for p in progress[1:])
     results = json.loads((out / "results.json").read_text())
     env = results["environment"]
     assert env["cores"] >= 1 and "onnxruntime" in env["packages"] and env["cpu"]
