@@ -15,6 +15,7 @@ import itertools
 import logging
 import operator
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
 from fxcompress.spectral.mp import TRACY_WIDOM_QUANTILES
 from fxcompress.spectral.rules import MP_RULES
-from fxcompress.surgery import narrowed_copy
+from fxcompress.surgery import narrowed_copy, save_pretrained
 from fxcompress.validate import check_fields, check_range, require_instance
 
 log = logging.getLogger(__name__)  # progress, stage by stage: logging.basicConfig(level=logging.INFO)
@@ -59,7 +60,10 @@ class CompressConfig:
     so rotations become exact where BatchNorm alone stopped them; the result has no BatchNorm
     left to train. ``outputs``: ``"all"``, or the names of the outputs the result keeps
     (``("logits",)``); it returns None for the others (an encoder's hidden states returned
-    beside the logits), and the widths only they pinned are free to narrow.
+    beside the logits), and the widths only they pinned are free to narrow. ``uniform``: the
+    groups of one kind (one module path but for its layer numbers, and one size: every layer's
+    MLP) take one width, the largest any of them chose, so a config with one width per kind
+    can say the result (:meth:`CompressResult.save_pretrained`).
     """
 
     rule: str = "mp-hist"
@@ -77,6 +81,7 @@ class CompressConfig:
     fold_mean: bool = True
     fold_batchnorm: bool = False
     outputs: str | tuple[str, ...] = "all"
+    uniform: bool = False
 
     def __post_init__(self):
         for name in ("targets", "outputs"):  # a list of names reads as naturally as a tuple
@@ -156,6 +161,14 @@ class CompressResult:
     source: Any = dataclasses.field(default=None, repr=False)  # the model given to compress (never mutated)
     example: tuple[tuple, dict] | None = dataclasses.field(default=None, repr=False)  # (args, kwargs) of capture
 
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write a transformers model as a folder its class's stock ``from_pretrained`` loads
+        (the config takes the new widths), checked against :attr:`module` after loading. A
+        family qualifies when its config has a width per kind and every layer of a kind
+        narrowed alike (``CompressConfig(uniform=True)``); else a :class:`SurgeryError` says
+        what differs. See :func:`fxcompress.surgery.save_pretrained`."""
+        return save_pretrained(self.source, self.module, self.example, path)
+
     def to_module(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
         """The narrowed model as an instance of its own class (``generate``, ``save_pretrained``
         and the class's own methods keep working): a copy of ``model`` (by default the one
@@ -230,6 +243,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     accs = calibrate(gm, targets, batches, config.correlated_samples) if targets else {}
     log.info("calibrated (%.1f s)", time.perf_counter() - start)
     decisions = _select(gm, targets, accs, config)
+    if config.uniform:
+        decisions = _uniform(gm, targets, accs, decisions, config)
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     log.info("widths chosen: %d of %d groups narrow (%.1f s)", len(projections), len(targets),
              time.perf_counter() - start)
@@ -419,6 +434,27 @@ def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumul
     norms = _weight_norms(gm, group).split(group.block_size) if transform == "magnitude" else [None] * len(accs)
     parts = [_block(acc, values, k, transform, score) for acc, values, score in zip(accs, spectra, norms)]
     return Projection(parts[0] if len(parts) == 1 else torch.block_diag(*parts), mean), selection, transform
+
+
+def _uniform(gm: GraphModule, targets: Sequence[WidthGroup], accs: Mapping[str, Sequence[CovarianceAccumulator]],
+             decisions: Mapping[str, tuple], config: CompressConfig) -> dict[str, tuple]:
+    """Each kind of group at the largest width any of its groups chose; a group that chose less
+    is narrowed again to that width (its rule's selection is kept for the report)."""
+    kinds: dict[tuple, list[WidthGroup]] = {}
+    for group in targets:
+        if decisions[group.name][1] is not None:  # a group with no spectrum stays as it is
+            kinds.setdefault((re.sub(r"\.\d+(?=\.|$)", ".*", group.name), group.size, group.blocks), []).append(group)
+    out = dict(decisions)
+    for groups in kinds.values():
+        width = max(g.size if decisions[g.name][0] is None else decisions[g.name][0].k for g in groups)
+        for group in groups:
+            proj, selection, transform = decisions[group.name]
+            if width >= group.size:
+                out[group.name] = (None, selection, transform)
+            elif proj.k != width:
+                fixed = dataclasses.replace(config, rule="fixed", widths={group.name: width}, ratio=None, k=None)
+                out[group.name] = (_decide(gm, group, accs[group.name], fixed)[0], selection, transform)
+    return out
 
 
 def _null(accs: Sequence[CovarianceAccumulator], rule: str) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from fxcompress.capture import capture
 from fxcompress.compress import CompressConfig, CompressResult, compress, num_parameters, rebuild
 from fxcompress.distill import DistillConfig, TaskLoss, accuracy, distill, inputs_of, rng_kept
 from fxcompress.errors import ConfigError, DataError, TrainingError
-from fxcompress.surgery import narrowed_copy
+from fxcompress.surgery import narrowed_copy, save_pretrained
 from fxcompress.validate import check_fields, check_range, require_instance, require_reiterable
 
 log = logging.getLogger(__name__)  # a line per round as it ends: logging.basicConfig(level=logging.INFO)
@@ -130,6 +130,10 @@ class RMTKDResult:
     def to_module(self, model: nn.Module | None = None) -> nn.Module:
         """The final model as an instance of its own class: see :meth:`CompressResult.to_module`."""
         return narrowed_copy(self.source if model is None else model, self.module, self.example)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """A folder stock ``from_pretrained`` loads: see :meth:`CompressResult.save_pretrained`."""
+        return save_pretrained(self.source, self.module, self.example, path)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the compressed model to the folder ``path`` (safetensors, JSON and a

@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import os
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from fxcompress.atomic import staged_dir
 from fxcompress.errors import SurgeryError
 
 TOLERANCE = 1e-5  # largest output change, relative to the largest output, between the copy and the graph
@@ -50,6 +55,74 @@ def narrowed_copy(model: nn.Module, compressed: GraphModule, example: tuple[tupl
     _sync_attention(new, before)
     _check(model, new, compressed, example, tolerance, before)
     return new
+
+
+def save_pretrained(model: nn.Module, compressed: GraphModule, example: tuple[tuple, dict],
+                    path: str | os.PathLike) -> Path:
+    """Write the narrowed copy of ``model`` (a transformers model) as a folder stock
+    ``from_pretrained`` loads: its config takes the widths the narrowed tensors have, if a
+    config can say them. The folder is loaded back and checked against the graph before it
+    is moved in."""
+    import transformers
+
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise SurgeryError(f"save_pretrained is for transformers models, not {type(model).__name__}: "
+                           "use result.save(dir), which fxcompress.load reads")
+    narrowed = narrowed_copy(model, compressed, example)
+    config = narrowed_config(model, narrowed)
+    target = Path(path)
+    with staged_dir(target) as stage:
+        saved = copy.deepcopy(narrowed)
+        saved.config = config
+        saved.save_pretrained(stage)
+        reloaded = type(narrowed).from_pretrained(stage).eval()
+        _check(model, reloaded, compressed, example, TOLERANCE, {})
+    return target
+
+
+WIDTH_NAME = re.compile(r"inner|intermediate|ffn|head_dim|hidden|embd|d_model")
+
+
+def narrowed_config(model: nn.Module, narrowed: nn.Module) -> Any:
+    """``model.config`` with the widths of ``narrowed``: of the config's integers whose value is
+    an old width that narrowed (and its unset widths, such as GPT-2's ``n_inner``), the choice
+    of old or new values under which the class builds tensors of exactly ``narrowed``'s shapes
+    (tried on the meta device)."""
+    old, new = model.state_dict(), narrowed.state_dict()
+    seen: dict[int, set[int]] = {}
+    for name, tensor in new.items():
+        for a, b in zip(old[name].shape if name in old else (), tensor.shape):
+            if a != b:
+                seen.setdefault(a, set()).add(b)
+    values = model.config.to_dict()
+    options = {attr: [value, *sorted(seen[value])] for attr, value in values.items() if type(value) is int and value in seen}
+    for attr, value in values.items():  # a width the config leaves to a default (GPT-2's n_inner: 4 · n_embd)
+        if value is None and WIDTH_NAME.search(attr):
+            options[attr] = [None, *sorted(set().union(*seen.values()))]
+    shapes = {name: tuple(t.shape) for name, t in new.items()}
+    combos = list(itertools.product(*options.values()))
+    if len(combos) > 256:
+        raise SurgeryError(f"too many config widths to try ({len(combos)} choices of {list(options)})")
+    closest = None
+    for combo in combos:
+        config = copy.deepcopy(model.config)
+        try:
+            for attr, value in zip(options, combo):
+                setattr(config, attr, value)
+            with torch.device("meta"):
+                fresh = type(narrowed)(config)
+        except Exception:  # the config's or the class's own checks (a width not divisible by the heads)
+            continue
+        built = {name: tuple(t.shape) for name, t in fresh.state_dict().items()}
+        differ = sorted(set(built) ^ set(shapes)) + [n for n in built if n in shapes and built[n] != shapes[n]]
+        if not differ:
+            return config
+        closest = min(closest or differ, differ, key=len)
+    raise SurgeryError(f"no {type(model.config).__name__} says these widths (the nearest differs at "
+                       f"{(closest or ['every choice'])[:4]}): "
+                       "a family whose config has one width per kind qualifies when every layer of a kind narrows "
+                       "alike (CompressConfig(uniform=True)) and no bias was added where the config has none "
+                       "(CompressConfig(fold_mean=False)); result.save(dir) saves any model")
 
 
 # -- tensors ------------------------------------------------------------------------------------

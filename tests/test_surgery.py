@@ -117,3 +117,41 @@ def test_a_graph_module_has_no_class_to_keep():
     result = fxcompress.compress(gm, _batches((64, 16)), HALF)
     with pytest.raises(SurgeryError, match="needs the original nn.Module"):
         result.to_module()
+
+
+def test_uniform_widths_save_as_a_folder_stock_from_pretrained_loads(tmp_path):
+    model = LANGUAGE_MODELS["llama"]().eval()
+    ids = [torch.randint(2, 97, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    config = CompressConfig(rule="mp-robust", round_to=4, uniform=True, fold_mean=False,
+                            targets=("*mlp*", "model.embed_tokens"))
+    result = fxcompress.compress(model, ids, config)
+    mlp = {r.k for r in result.report if ".mlp." in r.name}
+    assert len(mlp) == 1 and mlp.pop() < 128  # every layer's MLP at one width
+    folder = result.save_pretrained(tmp_path / "hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(loaded) is type(model)
+    assert loaded.config.hidden_size == result.report[0].k < 64 and loaded.config.intermediate_size < 128
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids[2]).logits, result.module(ids[2]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2s_unset_inner_width_is_written_too(tmp_path):
+    model = LANGUAGE_MODELS["gpt2"]().eval()
+    ids = [torch.randint(2, 97, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = fxcompress.compress(model, ids, CompressConfig(rule="fixed", ratio=0.5, uniform=True, targets="*mlp*"))
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(result.save_pretrained(tmp_path / "hf")).eval()
+    assert loaded.config.n_inner == 128 and model.config.n_inner is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids[1]).logits, result.module(ids[1]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_widths_a_config_cannot_say_are_a_clear_error_and_write_nothing(tmp_path):
+    model = LANGUAGE_MODELS["llama"]().eval()
+    ids = [torch.randint(2, 97, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = fxcompress.compress(model, ids, CompressConfig(rule="fixed", ratio=0.5, targets="*mlp*"))  # mean fold: biases
+    with pytest.raises(SurgeryError, match=r"no LlamaConfig says these widths.*fold_mean=False"):
+        result.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    vision = fxcompress.compress(HardCoded(), _batches((64, 16)), CompressConfig(rule="fixed", ratio=0.5, targets="up"))
+    with pytest.raises(SurgeryError, match="save_pretrained is for transformers models"):
+        vision.save_pretrained(tmp_path / "hf")
