@@ -1,0 +1,73 @@
+"""The oracle-width study (benchmarks/oracle_width.py): its paired statistics, and a miniature
+run end to end so the study cannot rot."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("oracle_width", BENCHMARKS / "oracle_width.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "oracle_width", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_statistics(oracle):
+    rng = np.random.default_rng(0)
+    reference = rng.random((3, 400)) < 0.8
+    same = oracle.paired(reference, reference)
+    assert same["diff"] == same["low"] == same["high"] == 0 and same["p"] == 1
+    better = reference.copy()
+    better[:, :40] = True  # examples the reference got wrong become right: gains only
+    stats = oracle.paired(better, reference)
+    gained = int((better & ~reference).sum())
+    assert stats["gained"] == gained and stats["lost"] == 0
+    assert stats["diff"] == pytest.approx(gained / better.size) and stats["low"] > 0
+    assert stats["p"] == pytest.approx(scipy.stats.binomtest(gained, gained).pvalue)
+
+
+def test_the_oracle_is_the_smallest_candidate_within_one_point(oracle):
+    def seed(rows):
+        return {name: {"parameters": p, "correct": c} for name, (p, c) in rows.items()}
+
+    truth = np.ones(1000, bool)
+    drop = lambda n: np.r_[np.zeros(n, bool), np.ones(1000 - n, bool)]  # noqa: E731
+    rows = {"original": (100, truth), "uniform-0.5": (50, drop(5)), "uniform-0.25": (25, drop(30)),
+            "mp-hist-q0.5": (40, drop(8))}
+    summary = oracle.summarize([seed(rows), seed(rows)])
+    assert summary["oracle"] == "mp-hist-q0.5"  # 0.8 points lost; uniform-0.25 lost 3
+    assert summary["candidates"]["uniform-0.5"]["to_oracle"] == pytest.approx(50 / 40)
+
+
+def test_the_markdown_section_keeps_the_rest_of_the_file(oracle, tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nearlier tables\n")
+    oracle.write_markdown_section(path, "first")
+    oracle.write_markdown_section(path, "second")
+    text = path.read_text()
+    assert text.startswith("# Results\n\nearlier tables\n") and "second" in text and "first" not in text
+    assert text.count("oracle-width:start") == 1
+
+
+def test_the_miniature_study_runs_end_to_end(oracle, data_root, tmp_path):
+    oracle.main(["--profile", "mini", "--seeds", "2", "--data-dir", str(data_root), "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "oracle-mini.json").read_text())
+    summary = results["tasks"]["cifar-cnn"]["summary"]
+    rows = summary["candidates"]
+    assert summary["seeds"] == 2 and summary["examples"] == 256
+    assert {"original", "uniform-0.25", "uniform-0.5", "mp-hist-q0.5", "mp-robust"} <= set(rows)
+    within = [n for n, r in rows.items() if n != "original" and r["vs_original"]["diff"] >= -0.01]
+    assert summary["oracle"] == min(within or ["original"], key=lambda n: rows[n]["parameters"])
+    assert all(r["vs_rmt"]["low"] <= r["vs_rmt"]["diff"] <= r["vs_rmt"]["high"] for r in rows.values())
+    assert (tmp_path / "oracle-mini-cifar-cnn.png").exists() and "★" in (tmp_path / "ORACLE.md").read_text()
