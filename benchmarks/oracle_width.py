@@ -25,6 +25,7 @@ its ``oracle-width`` markers (the rest of it is kept).
     python benchmarks/oracle_width.py --profile quick              # CIFAR-10 CNN and ResNet-20, 3 seeds
     python benchmarks/oracle_width.py --profile quick --tasks sst2 # the BERT-style SST-2 task
     python benchmarks/oracle_width.py --profile mini               # the miniature make test runs
+    python benchmarks/oracle_width.py --render a.json b.json --markdown benchmarks/RESULTS.md  # tables of runs
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 # -- output -----------------------------------------------------------------------------------------
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"`{results['command']}` ({results['minutes']:.0f} min, {results['machine']}). Paired over "
-             "the same test examples; Δ = accuracy − original's, in points, with its 95 % paired-bootstrap "
+    runs = "; ".join(f"`{run['command']}` ({run['minutes']:.0f} min, {run['machine']})" for run in results["runs"])
+    lines = [f"{runs}. Paired over the same test examples; Δ = accuracy − original's, in points, with its 95 % paired-bootstrap "
              "interval; p: McNemar's exact test (discordant pairs pooled over seeds); ×oracle: parameters over the "
              "oracle's (the fewest parameters within 1 point of the original).", ""]
     for name, task in results["tasks"].items():
@@ -300,25 +301,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/oracle")
     parser.add_argument("--markdown", default=None, help="also write the tables into this file's oracle-width section")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                        help="no runs: tables and plots from these runs' oracle-*.json, their tasks side by side")
     args = parser.parse_args(argv)
     tasks = [t for t in PROFILES[args.profile] if args.tasks is None or t.name in args.tasks.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = {"command": "python benchmarks/oracle_width.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": f"{torch.get_num_threads()} threads", "tasks": {}}
+    command = "python benchmarks/oracle_width.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.render:
+        return render([json.loads(Path(p).read_text()) for p in args.render], out, args.markdown)
+    results = {"runs": [{"command": command, "machine": f"{torch.get_num_threads()} threads", "minutes": 0.0}],
+               "tasks": {}}
     for task in tasks:
         seeds = [run_seed(task, seed, args.data_dir) for seed in range(args.seeds)]
         summary = summarize(seeds)
         results["tasks"][task.name] = {"task": dataclasses.asdict(task), "summary": summary,
                                        "widths": {n: s[n].get("widths") for s in seeds[:1] for n in s}}
-        plot(task.name, summary, out / f"oracle-{args.profile}-{task.name}.png")
-    results["minutes"] = (time.perf_counter() - start) / 60
+    results["runs"][0]["minutes"] = (time.perf_counter() - start) / 60
     write_text(out / f"oracle-{args.profile}.json", json.dumps(results, indent=1, default=_jsonable))
-    text = markdown(results)
+    return render([results], out, args.markdown)
+
+
+def render(runs: list[dict[str, Any]], out: Path, markdown_path: str | None) -> int:
+    """Tables (and plots) of one or more runs' JSON, their tasks side by side."""
+    merged = {"runs": [r for run in runs for r in run.get("runs") or [
+        {"command": run["command"], "machine": run["machine"], "minutes": run["minutes"]}]],
+              "tasks": {name: task for run in runs for name, task in run["tasks"].items()}}
+    for name, task in merged["tasks"].items():
+        plot(name, task["summary"], out / f"oracle-{name}.png")
+    text = markdown(merged)
     write_text(out / "ORACLE.md", text)
-    if args.markdown:
-        write_markdown_section(Path(args.markdown), text)
+    if markdown_path:
+        write_markdown_section(Path(markdown_path), text)
     print(text)
     return 0
 

@@ -70,4 +70,8 @@ def test_the_miniature_study_runs_end_to_end(oracle, data_root, tmp_path):
     within = [n for n, r in rows.items() if n != "original" and r["vs_original"]["diff"] >= -0.01]
     assert summary["oracle"] == min(within or ["original"], key=lambda n: rows[n]["parameters"])
     assert all(r["vs_rmt"]["low"] <= r["vs_rmt"]["diff"] <= r["vs_rmt"]["high"] for r in rows.values())
-    assert (tmp_path / "oracle-mini-cifar-cnn.png").exists() and "★" in (tmp_path / "ORACLE.md").read_text()
+    assert (tmp_path / "oracle-cifar-cnn.png").exists() and "★" in (tmp_path / "ORACLE.md").read_text()
+    oracle.main(["--render", str(tmp_path / "oracle-mini.json"), "--out", str(tmp_path / "again"), "--markdown",
+                 str(tmp_path / "RESULTS.md")])
+    assert (tmp_path / "again" / "ORACLE.md").read_text() == (tmp_path / "ORACLE.md").read_text()
+    assert "oracle-width:start" in (tmp_path / "RESULTS.md").read_text()
