@@ -106,17 +106,12 @@ def external_files(model: onnx.ModelProto) -> set[str]:
             for entry in init.external_data if entry.key == "location"}
 
 
-#: Why a ``.pt2`` program is not read unless the user vouches for it.
-PT2_RISK = ("torch.export.load reads a .pt2 file with pickle and evaluates expressions written in it, "
-            "so a crafted file runs code")
-
-
 def to_onnx(path: str | os.PathLike, folder: str | os.PathLike, *, trust_pt2: bool = False,
             name: str | None = None) -> Path:
     """``path`` itself if it is ONNX; a PyTorch program saved with ``torch.export.save``
     (``.pt2``) is exported to ``folder/<name>.onnx`` first with :func:`fxcompress.export_onnx`
     (validated). An archive holding anything ``torch.export.load`` would unpickle is
-    refused (:data:`PT2_RISK`) unless ``trust_pt2=True``."""
+    refused (:func:`fxcompress.saved.check_archive`) unless ``trust_pt2=True``."""
     path = Path(path)
     if path.suffix != ".pt2":
         return path

@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 from fxcompress.atomic import staged_dir, umask
 from fxcompress.capture import dynamic_shapes
 from fxcompress.errors import ConfigError
-from fxcompress.surgery import narrowed_copy
+from fxcompress.surgery import named_tensors, narrowed_copy
 
 FORMAT = "fxcompress.saved/1"
 META, WEIGHTS, INPUTS, PROGRAM = "fxcompress.json", "model.safetensors", "inputs.safetensors", "program.pt2"
@@ -93,7 +93,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, own_class: 
     from fxcompress.compress import rebuild  # compress imports this module's users
     example = _example(folder, meta)
     module = rebuild(model, example[1] if example[1] else example[0], meta["steps"])  # a batch, as compress took it
-    _assign(module, _tensors(folder, meta), folder)
+    _assign(module, _saved_tensors(folder, meta), folder)
     return narrowed_copy(model, module, example) if own_class else module
 
 
@@ -103,7 +103,7 @@ def _unique(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     tensors: dict[str, torch.Tensor] = {}
     first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+    for name, tensor in named_tensors(module):
         if id(tensor) in first:
             aliases[name] = first[id(tensor)]
             continue
@@ -301,14 +301,14 @@ def _example(folder: Path, meta: Mapping[str, Any]) -> tuple[tuple, dict]:
     return tuple(args), dict(kwargs)
 
 
-def _tensors(folder: Path, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _saved_tensors(folder: Path, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     tensors = safetensors.torch.load_file(folder / WEIGHTS)
     return {**tensors, **{alias: tensors[name] for alias, name in meta.get("aliases", {}).items()}}
 
 
 def _assign(module: nn.Module, tensors: Mapping[str, torch.Tensor], folder: Path) -> None:
     """Copy each saved tensor into the rebuilt module's tensor of that name; every name must match."""
-    own = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+    own = dict(named_tensors(module))
     missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     wrong = [n for n in own if n in tensors and own[n].shape != tensors[n].shape]
     if missing or extra or wrong:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxcompress.atomic import staged_dir
+from fxcompress.capture import state_kept
 from fxcompress.errors import SurgeryError
 
 TOLERANCE = 1e-5  # largest output change, relative to the largest output, between the copy and the graph
@@ -45,7 +46,7 @@ def narrowed_copy(model: nn.Module, compressed: GraphModule, example: tuple[tupl
         raise SurgeryError(f"to_module needs the original nn.Module (its class is what the copy keeps), got "
                            f"{type(model).__name__}; a GraphModule or program has no class of its own: use result.module")
     new = copy.deepcopy(model)
-    before = {name: tuple(t.shape) for name, t in _tensors(new)}
+    before = {name: tuple(t.shape) for name, t in named_tensors(new)}
     changed = _install(new, compressed)
     for name in sorted({name.rpartition(".")[0] for name in changed}):
         module = new.get_submodule(name)
@@ -72,9 +73,8 @@ def save_pretrained(model: nn.Module, compressed: GraphModule, example: tuple[tu
     config = narrowed_config(model, narrowed)
     target = Path(path)
     with staged_dir(target) as stage:
-        saved = copy.deepcopy(narrowed)
-        saved.config = config
-        saved.save_pretrained(stage)
+        narrowed.config = config  # narrowed is this call's own copy
+        narrowed.save_pretrained(stage)
         reloaded = type(narrowed).from_pretrained(stage).eval()
         _check(model, reloaded, compressed, example, TOLERANCE, {})
     return target
@@ -126,7 +126,8 @@ def narrowed_config(model: nn.Module, narrowed: nn.Module) -> Any:
 
 
 # -- tensors ------------------------------------------------------------------------------------
-def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer under every name it has (a tied tensor once per name)."""
     yield from module.named_parameters(remove_duplicate=False)
     yield from module.named_buffers(remove_duplicate=False)
 
@@ -136,7 +137,7 @@ def _install(new: nn.Module, compressed: GraphModule) -> list[str]:
     Tensors one object in the graph (a tied embedding and head) are one object in the copy."""
     copies: dict[int, torch.Tensor] = {}
     changed, homeless = [], []
-    for name, tensor in _tensors(compressed):
+    for name, tensor in named_tensors(compressed):
         owner_name, _, attr = name.rpartition(".")
         owner = _submodule(new, owner_name)
         if owner is None or attr not in owner._parameters and attr not in owner._buffers:
@@ -280,7 +281,7 @@ def _head_width(module: nn.Module, child: str, key: str, head: int, packed: bool
 def _check(model: nn.Module, new: nn.Module, compressed: GraphModule, example: tuple[tuple, dict], tolerance: float,
            before: dict[str, tuple]) -> None:
     args, kwargs = example
-    with torch.no_grad(), _evaluating(new), _evaluating(compressed), _no_cache(new):
+    with torch.no_grad(), _evaluating(new), _evaluating(compressed), state_kept(compressed), _no_cache(new):
         expected = compressed(*args, **kwargs)
         with _innermost(new) as where:
             try:
