@@ -46,6 +46,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress.atomic import write_text
+from fxcompress.calibrate import as_call
 from fxcompress.compress import num_parameters
 from fxcompress.datasets import cifar10, encode, glue, wordpiece
 from fxcompress.distill import logits_of, split_batch
@@ -144,6 +145,22 @@ def build(task: Task, vocab: int | None) -> nn.Module:
     return cnn(types.SimpleNamespace(model=task.model))
 
 
+def logits(module: nn.Module, batches: list) -> torch.Tensor:
+    """``module``'s logits on every (unlabelled) calibration batch, concatenated."""
+    module.eval()
+    with torch.no_grad():
+        return torch.cat([logits_of(module(*a, **k)) for a, k in map(as_call, batches)]).float()
+
+
+def fidelity(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """How closely a one-shot narrowed model, before fine-tuning, still computes the original
+    on the calibration inputs (no labels): top-1 agreement, and the logit error relative to the
+    logits' spread (‖z − z₀‖ / ‖z₀ − mean z₀‖ over the batch)."""
+    spread = (teacher - teacher.mean(0)).norm().clamp_min(1e-12)
+    return {"agreement": float((student.argmax(-1) == teacher.argmax(-1)).float().mean()),
+            "logit_error": float((student - teacher).norm() / spread)}
+
+
 def correct(module: nn.Module, batches: list) -> np.ndarray:
     """Per test example: whether ``module``'s top-1 prediction is its label."""
     module.eval()
@@ -156,8 +173,9 @@ def correct(module: nn.Module, batches: list) -> np.ndarray:
 
 
 # -- one task ---------------------------------------------------------------------------------------
-def run_seed(task: Task, seed: int, root: str | None) -> dict[str, Any]:
-    """Every candidate's parameters and per-example correctness for one seed."""
+def run_seed(task: Task, seed: int, root: str | None, tune: bool = True) -> dict[str, Any]:
+    """Every candidate's parameters, its fidelity to the original on the calibration inputs
+    before fine-tuning, and (``tune``) its per-example test correctness after it, for one seed."""
     torch.manual_seed(seed)
     train, test, vocab = task_data(task, root, seed)
     model = build(task, vocab)
@@ -166,21 +184,26 @@ def run_seed(task: Task, seed: int, root: str | None) -> dict[str, Any]:
                                                                     weight_decay=0.01, progress=False, seed=seed))
     model.eval()
     calib = calibration_subset(train, 0.1, seed)
-    rows = {"original": {"parameters": num_parameters(model), "correct": correct(model, test)}}
+    reference = logits(model, calib)
+    rows = {"original": {"parameters": num_parameters(model), "agreement": 1.0, "logit_error": 0.0,
+                         "correct": correct(model, test)}}
     log(f"[{task.name} seed {seed}] original: {rows['original']['parameters']:,} parameters, accuracy "
         f"{rows['original']['correct'].mean():.4f} ({time.perf_counter() - start:.0f} s)")
-    tune = fxcompress.DistillConfig(alpha=0.5, temperature=2.0, epochs=task.tune_epochs, max_steps=task.tune_steps,
+    tuning = fxcompress.DistillConfig(alpha=0.5, temperature=2.0, epochs=task.tune_epochs, max_steps=task.tune_steps,
                                     lr=task.lr / 2, progress=False, seed=seed)
 
     def candidate(name: str, config: fxcompress.CompressConfig) -> fxcompress.CompressResult:
         t0 = time.perf_counter()
         result = fxcompress.compress(model, calib, config)
         student = result.module
-        fxcompress.distill(student, model, train, tune)
-        rows[name] = {"parameters": result.params_after, "correct": correct(student, test),
+        rows[name] = {"parameters": result.params_after, **fidelity(logits(student, calib), reference),
                       "widths": {r.name: [r.d, r.k] for r in result.report if r.rule is not None}}
-        log(f"[{task.name} seed {seed}] {name}: {result.params_after:,} parameters, accuracy "
-            f"{rows[name]['correct'].mean():.4f} ({time.perf_counter() - t0:.0f} s)")
+        if tune:
+            fxcompress.distill(student, model, train, tuning)
+            rows[name]["correct"] = correct(student, test)
+        log(f"[{task.name} seed {seed}] {name}: {result.params_after:,} parameters, agreement "
+            f"{rows[name]['agreement']:.3f} before tuning" + (f", accuracy {rows[name]['correct'].mean():.4f}"
+                                                               if tune else "") + f" ({time.perf_counter() - t0:.0f} s)")
         return result
 
     for ratio in task.ratios:
@@ -222,11 +245,20 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
                       "accuracy": float(stack[name].mean()),
                       "vs_original": paired(stack[name], stack["original"]),
                       "vs_rmt": paired(stack[name], stack[REFERENCE]) if REFERENCE in stack else None}
+        rows[name].update(fidelity_means(seeds, name))
     keeps = [n for n in names if n != "original" and rows[n]["vs_original"]["diff"] >= -TOLERANCE]
     oracle = min(keeps, key=lambda n: rows[n]["parameters"]) if keeps else "original"
     for name in names:
         rows[name]["to_oracle"] = rows[name]["parameters"] / rows[oracle]["parameters"]
     return {"candidates": rows, "oracle": oracle, "seeds": len(seeds), "examples": int(stack["original"].shape[1])}
+
+
+def fidelity_means(seeds: list[dict[str, Any]], name: str) -> dict[str, float]:
+    """A candidate's fidelity before tuning, averaged over seeds (where it was measured)."""
+    return {key: float(np.mean([s[name][key] for s in seeds])) for key in FIDELITY if key in seeds[0][name]}
+
+
+FIDELITY = ("agreement", "logit_error")
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -237,14 +269,17 @@ def markdown(results: dict[str, Any]) -> str:
              "oracle's (the fewest parameters within 1 point of the original).", ""]
     for name, task in results["tasks"].items():
         s = task["summary"]
+        agreed = all("agreement" in row for row in s["candidates"].values())
         lines += [f"**{name}** ({s['seeds']} seeds, {s['examples']:,} test examples; oracle: `{s['oracle']}`)", "",
-                  "| candidate | parameters | ×oracle | accuracy | Δ vs original | p | Δ vs mp-hist q0.5 | p |",
-                  "| --- | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+                  "| candidate | parameters | ×oracle | accuracy | Δ vs original | p | Δ vs mp-hist q0.5 | p |"
+                  + (" agreement before KD |" if agreed else ""),
+                  "| --- | ---: | ---: | ---: | --- | ---: | --- | ---: |" + (" ---: |" if agreed else "")]
         for cand, row in sorted(s["candidates"].items(), key=lambda kv: -kv[1]["parameters"]):
             vo, vr = row["vs_original"], row["vs_rmt"]
             mark = " ★" if cand == s["oracle"] else ""
             lines.append(f"| {cand}{mark} | {row['parameters']:,.0f} | {row['to_oracle']:.2f} | {row['accuracy']:.4f} | "
-                         f"{_points(vo)} | {vo['p']:.3g} | {_points(vr) if vr else '—'} | {vr['p'] if vr else float('nan'):.3g} |")
+                         f"{_points(vo)} | {vo['p']:.3g} | {_points(vr) if vr else '—'} | {vr['p'] if vr else float('nan'):.3g} |"
+                         + (f" {row['agreement']:.3f} |" if agreed else ""))
         lines.append("")
     return "\n".join(lines)
 
@@ -301,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/oracle")
     parser.add_argument("--markdown", default=None, help="also write the tables into this file's oracle-width section")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--tag", default=None, help="a label for this run's tasks in the tables (what differs from "
+                                                    "other runs of the same tasks)")
+    parser.add_argument("--fidelity-only", action="store_true",
+                        help="no fine-tuning or test: each candidate's fidelity before tuning, for --render to merge "
+                             "into a full run of the same seeds")
     parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
                         help="no runs: tables and plots from these runs' oracle-*.json, their tasks side by side")
     args = parser.parse_args(argv)
@@ -312,30 +352,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return render([json.loads(Path(p).read_text()) for p in args.render], out, args.markdown)
     results = {"runs": [{"command": command, "machine": f"{torch.get_num_threads()} threads", "minutes": 0.0}],
-               "tasks": {}}
+               "tasks": {}, "tag": args.tag}
     for task in tasks:
-        seeds = [run_seed(task, seed, args.data_dir) for seed in range(args.seeds)]
-        summary = summarize(seeds)
-        results["tasks"][task.name] = {"task": dataclasses.asdict(task), "summary": summary,
-                                       "widths": {n: s[n].get("widths") for s in seeds[:1] for n in s}}
+        seeds = [run_seed(task, seed, args.data_dir, tune=not args.fidelity_only) for seed in range(args.seeds)]
+        entry = {"task": dataclasses.asdict(task), "widths": {n: s[n].get("widths") for s in seeds[:1] for n in s}}
+        if args.fidelity_only:
+            entry["fidelity"] = {n: {"parameters": float(np.mean([s[n]["parameters"] for s in seeds])),
+                                     **fidelity_means(seeds, n)} for n in seeds[0]}
+        else:
+            entry["summary"] = summarize(seeds)
+        results["tasks"][task.name] = entry
     results["runs"][0]["minutes"] = (time.perf_counter() - start) / 60
-    write_text(out / f"oracle-{args.profile}.json", json.dumps(results, indent=1, default=_jsonable))
-    return render([results], out, args.markdown)
+    kind = "fidelity" if args.fidelity_only else "oracle"
+    write_text(out / f"{kind}-{args.profile}.json", json.dumps(results, indent=1, default=_jsonable))
+    return 0 if args.fidelity_only else render([results], out, args.markdown)
 
 
 def render(runs: list[dict[str, Any]], out: Path, markdown_path: str | None) -> int:
     """Tables (and plots) of one or more runs' JSON, their tasks side by side."""
     merged = {"runs": [r for run in runs for r in run.get("runs") or [
         {"command": run["command"], "machine": run["machine"], "minutes": run["minutes"]}]],
-              "tasks": {name: task for run in runs for name, task in run["tasks"].items()}}
+              "tasks": {_tagged(name, run): task for run in runs for name, task in run["tasks"].items() if "summary" in task}}
+    for name, task in ((_tagged(n, run), t) for run in runs for n, t in run["tasks"].items() if "fidelity" in t):
+        _merge_fidelity(merged["tasks"][name]["summary"], task["fidelity"], name)
     for name, task in merged["tasks"].items():
-        plot(name, task["summary"], out / f"oracle-{name}.png")
+        plot(name, task["summary"], out / f"oracle-{name.replace(' ', '-').replace('(', '').replace(')', '')}.png")
     text = markdown(merged)
     write_text(out / "ORACLE.md", text)
     if markdown_path:
         write_markdown_section(Path(markdown_path), text)
     print(text)
     return 0
+
+
+def _tagged(name: str, run: dict[str, Any]) -> str:
+    return f"{name} ({run['tag']})" if run.get("tag") else name
+
+
+def _merge_fidelity(summary: dict[str, Any], fidelity: dict[str, Any], task: str) -> None:
+    """Put a fidelity-only run's measurements into a full run's candidates: the same seeds train
+    the same originals, so every candidate must have the same parameters in both."""
+    for name, row in summary["candidates"].items():
+        if name not in fidelity or fidelity[name]["parameters"] != row["parameters"]:
+            raise SystemExit(f"{task}: the fidelity run does not match the full run at {name!r} "
+                             "(run both with the same profile and seeds)")
+        row.update({k: fidelity[name][k] for k in FIDELITY})
 
 
 def _jsonable(value: Any) -> Any:

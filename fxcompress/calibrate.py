@@ -100,6 +100,23 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
     return {name: acc.split() for name, acc in accs.items()}
 
 
+def calibrate_points(gm: GraphModule, points: dict[str, tuple[int, int]], data: Iterable[Any]) -> dict[str, CovarianceAccumulator]:
+    """The covariance of the activations ``points`` (node → (axis, width)) over ``data``, one
+    accumulator each (every position a sample; padding masked as :func:`calibrate` masks it)."""
+    pm = probe_module(gm, list(points))
+    accs = {name: CovarianceAccumulator(width) for name, (_, width) in points.items()}
+    with torch.no_grad(), state_kept(pm):
+        for batch in data:
+            args, kwargs = as_call(batch)
+            mask = kwargs.get("attention_mask")
+            for name, value in zip(points, pm(*args, **kwargs)):
+                x = torch.movedim(value.detach(), points[name][0], -1)
+                keep = mask.to(x.device) != 0 if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]) \
+                    else None
+                accs[name].update(x, keep)
+    return accs
+
+
 def distributed_rank() -> tuple[int, int]:
     """``(rank, world_size)`` under an initialised ``torch.distributed``, else ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -29,10 +29,10 @@ import torch
 from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
-from fxcompress.calibrate import EMPTY, as_call, calibrate
+from fxcompress.calibrate import EMPTY, as_call, calibrate, calibrate_points
 from fxcompress.capture import capture, keep_outputs, own_weights, state_kept
 from fxcompress.errors import ConfigError, DataError
-from fxcompress.rewrite import Projection, fold_batch_norms, rewrite
+from fxcompress.rewrite import Projection, fold_batch_norms, plain, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
 from fxcompress.spectral.mp import TRACY_WIDOM_QUANTILES
 from fxcompress.spectral.rules import MP_RULES
@@ -63,7 +63,10 @@ class CompressConfig:
     beside the logits), and the widths only they pinned are free to narrow. ``uniform``: the
     groups of one kind (one module path but for its layer numbers, and one size: every layer's
     MLP) take one width, the largest any of them chose, so a config with one width per kind
-    can say the result (:meth:`CompressResult.save_pretrained`).
+    can say the result (:meth:`CompressResult.save_pretrained`). ``reconstruct``: where channels
+    are selected, the consumers that read them predict the dropped channels from the kept ones
+    by least squares on the calibration covariance (:func:`reconstruction`); False drops them
+    for their mean, as plain channel pruning does.
     """
 
     rule: str = "mp-hist"
@@ -82,6 +85,7 @@ class CompressConfig:
     fold_batchnorm: bool = False
     outputs: str | tuple[str, ...] = "all"
     uniform: bool = False
+    reconstruct: bool = True
 
     def __post_init__(self):
         for name in ("targets", "outputs"):  # a list of names reads as naturally as a tuple
@@ -245,6 +249,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     decisions = _select(gm, targets, accs, config)
     if config.uniform:
         decisions = _uniform(gm, targets, accs, decisions, config)
+    if config.reconstruct:
+        decisions = _with_lifts(gm, plan, decisions, accs, batches)
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     log.info("widths chosen: %d of %d groups narrow (%.1f s)", len(projections), len(targets),
              time.perf_counter() - start)
@@ -434,6 +440,59 @@ def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumul
     norms = _weight_norms(gm, group).split(group.block_size) if transform == "magnitude" else [None] * len(accs)
     parts = [_block(acc, values, k, transform, score) for acc, values, score in zip(accs, spectra, norms)]
     return Projection(parts[0] if len(parts) == 1 else torch.block_diag(*parts), mean), selection, transform
+
+
+def _with_lifts(gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple],
+                accs: Mapping[str, Sequence[CovarianceAccumulator]], batches: list[Any]) -> dict[str, tuple]:
+    """Every channel selection with the least-squares read-back of each activation its
+    consumers read (one more pass over the calibration data for those other than the probe)."""
+    reads = {name: _read_points(gm, plan[name]) for name, (proj, _, transform) in decisions.items()
+             if proj is not None and transform == "selection" and plan[name].blocks == 1 and not plan[name].routing}
+    others = {node: (axis, plan[name].size) for name, points in reads.items() for node, axis in points.items()
+              if node != plan[name].probe}
+    measured = calibrate_points(gm, others, batches) if others else {}
+    out = dict(decisions)
+    for name, points in reads.items():
+        proj, selection, transform = decisions[name]
+        lifts = {node: reconstruction(accs[name][0] if node == plan[name].probe else measured[node], proj.matrix)
+                 for node in points}
+        out[name] = (dataclasses.replace(proj, lifts={n: lift for n, lift in lifts.items() if lift is not None}),
+                     selection, transform)
+    return out
+
+
+def _read_points(gm: GraphModule, group: WidthGroup) -> dict[str, int]:
+    """The activations (node → axis of the group) that the group's plain consumers read."""
+    axes: dict[str, list[int]] = {}
+    for node, axis in group.activations:
+        axes.setdefault(node, []).append(axis)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    points = {}
+    for use in group.consumers:
+        if plain(use) and use.node in nodes:
+            points.update({i.name: axes[i.name][0] for i in nodes[use.node].all_input_nodes
+                           if len(axes.get(i.name, ())) == 1})
+    return points
+
+
+def reconstruction(acc: CovarianceAccumulator, selection: torch.Tensor) -> torch.Tensor | None:
+    """The least-squares read-back ``L = Σ Sᵀ (S Σ Sᵀ)⁻¹`` of a channel selection ``S``, from the
+    calibration covariance: each dropped channel is predicted from the kept ones (its mean is
+    the prediction only where they say nothing of it), so the consumers that read the kept
+    channels absorb the rest. None with fewer than two samples per channel, where the cross
+    covariances are too noisy to predict anything (the consumers then read ``Sᵀ``)."""
+    if acc.dof() < 2 * acc.dim:
+        return None
+    cov = acc.covariance()
+    keep = selection.argmax(dim=1).numpy()
+    cross = cov[:, keep]  # d × k
+    inner = cross[keep] + np.eye(len(keep)) * (1e-9 * max(float(np.trace(cross[keep])), 1e-300) / len(keep))
+    try:
+        lift = scipy.linalg.solve(inner, cross.T, assume_a="pos").T
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        lift = np.linalg.lstsq(inner, cross.T, rcond=None)[0].T
+    lift[keep] = np.eye(len(keep))  # the kept channels are read as they are
+    return torch.from_numpy(np.ascontiguousarray(lift))
 
 
 def _uniform(gm: GraphModule, targets: Sequence[WidthGroup], accs: Mapping[str, Sequence[CovarianceAccumulator]],

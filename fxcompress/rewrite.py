@@ -50,10 +50,18 @@ class RewriteError(FxCompressError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Projection:
-    """The ``k × d`` matrix applied to one group, and the activation mean to fold into biases."""
+    """The ``k × d`` matrix applied to one group, and the activation mean to fold into biases.
+
+    ``lifts`` maps an activation (a node's name) to how a consumer that reads it reads the
+    narrowed one back, a ``d × k`` matrix ``L``: ``x ≈ L·P·x + (I − L·P)·μ``. A consumer of
+    any other activation reads through ``Pᵀ``, the read-back of an orthonormal ``P`` (and the
+    best one where ``P`` holds leading eigenvectors); a channel selection gets least-squares
+    ones (:func:`fxcompress.compress.reconstruction`).
+    """
 
     matrix: torch.Tensor
     mean: torch.Tensor | None = None
+    lifts: Mapping[str, torch.Tensor] | None = None
 
     @property
     def k(self) -> int:
@@ -78,7 +86,7 @@ def rewrite(gm: GraphModule, plan: Plan, projections: Mapping[str, Projection], 
     slices = _Slices()
     for name, proj in projections.items():
         group = _check(plan, name, proj)
-        if proj.k == group.size and proj.mean is None and torch.equal(proj.matrix, torch.eye(group.size, dtype=proj.matrix.dtype)):
+        if proj.k == group.size and proj.mean is None and not proj.lifts and torch.equal(proj.matrix, torch.eye(group.size, dtype=proj.matrix.dtype)):
             continue
         _apply(out, group, proj, slices)
     out.graph.lint()
@@ -196,6 +204,10 @@ def _check(plan: Plan, name: str, proj: Projection) -> WidthGroup:
     if group.blocks > 1 and not _block_diagonal(proj.matrix, group.blocks):
         raise RewriteError(f"group {name!r} is {group.blocks} blocks of {group.block_size}: its projection must be "
                            f"block-diagonal, k/{group.blocks} rows per block (got {tuple(proj.matrix.shape)})")
+    for node, lift in (proj.lifts or {}).items():
+        if group.blocks > 1 or tuple(lift.shape) != (group.size, proj.k):
+            raise RewriteError(f"group {name!r}: the lift at {node!r} must be {group.size} × {proj.k} on a group of one "
+                               f"block, got {tuple(lift.shape)} on {group.blocks} block(s)")
     return group
 
 
@@ -212,16 +224,19 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices
     p = proj.matrix.to(torch.float64)
     mean = None if proj.mean is None else proj.mean.to(torch.float64)
     producers = {(u.param, u.axis, u.offset) for u in group.producers}
+    lifted = _reading_back(gm, group, proj)
     if mean is not None:
         for use in group.consumers:
             if (use.param, use.axis, use.offset) not in producers:
-                _fold_mean(gm, use, *_as_seen(p, mean, group, use), slices.offset(use))
+                _fold_mean(gm, use, *_as_seen(p, mean, group, use), slices.offset(use), lifted.get(use))
     done: set[tuple[str, int, int]] = set()
     for use in (*group.producers, *_added_biases(gm, group, slices), *group.consumers, *group.channels):
         if (use.param, use.axis, use.offset) in done:
             continue
         done.add((use.param, use.axis, use.offset))
         start, (q, _) = slices.offset(use), _as_seen(p, None, group, use)
+        if use in lifted and (use.param, use.axis, use.offset) not in producers:
+            q = lifted[use].T  # the consumer reads the narrowed activation back through the lift
         if use.role == "channel":
             _narrow_channel(gm, use, q, start)
         elif use.block_axis is not None:
@@ -232,6 +247,26 @@ def _apply(gm: GraphModule, group: WidthGroup, proj: Projection, slices: _Slices
         if use.length is not None:  # a slice of each expert's weight holds one block of P
             slices.narrowed(use, q.shape[0] // (group.blocks if use.block_axis is not None else 1))
     _rewrite_constants(gm, group, proj.k)
+
+
+def _reading_back(gm: GraphModule, group: WidthGroup, proj: Projection) -> dict[Use, torch.Tensor]:
+    """Each consumer's lift (float64), where ``proj`` has one for the activation it reads (whole:
+    not a slice, a block or a repeat of it); every other consumer reads through ``Pᵀ``."""
+    if not proj.lifts:
+        return {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for use in group.consumers:
+        if plain(use) and use.node in nodes and not is_grouped_mm(nodes[use.node]):
+            read = [i.name for i in nodes[use.node].all_input_nodes if i.name in proj.lifts]
+            if len(read) == 1:
+                out[use] = proj.lifts[read[0]].to(torch.float64)
+    return out
+
+
+def plain(use: Use) -> bool:
+    """Whether ``use`` holds the group's whole width once (no slice, block or repeat of it)."""
+    return (use.length, use.block_axis, use.block, use.repeat) == (None, None, None, 1)
 
 
 def _as_seen(p: torch.Tensor, mean: torch.Tensor | None, group: WidthGroup, use: Use):
@@ -302,7 +337,8 @@ def _along(t: torch.Tensor, p: torch.Tensor, axis: int, start: int = 0, length: 
         moved = moved @ p.T
     else:
         moved = torch.cat([moved[..., :start], moved[..., start:start + length] @ p.T, moved[..., start + length:]], -1)
-    return torch.movedim(moved, -1, axis).to(t.dtype).contiguous()
+    # canonical strides (size-one axes included): convolution kernels pick their algorithm by them
+    return torch.movedim(moved, -1, axis).to(t.dtype).clone(memory_format=torch.contiguous_format)
 
 
 def _along_blocks(t: torch.Tensor, p: torch.Tensor, axis: int, block_axis: int, blocks: int, start: int = 0,
@@ -342,11 +378,13 @@ def _narrow_batch_norm(bn: nn.modules.batchnorm._BatchNorm, p: torch.Tensor, sta
     bn.num_features = bn.num_features - p.shape[1] + p.shape[0]
 
 
-def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor, start: int) -> None:
-    """``b ← b + W(I − PᵀP)μ`` for a linear or convolution consumer (adds a bias if it had none)."""
+def _fold_mean(gm: GraphModule, use: Use, p: torch.Tensor, mean: torch.Tensor, start: int,
+               lift: torch.Tensor | None = None) -> None:
+    """``b ← b + W(I − LP)μ`` for a linear or convolution consumer (adds a bias if it had none);
+    ``L``: the consumer's read-back, ``Pᵀ`` unless a ``lift`` is given."""
     node = next(n for n in gm.graph.nodes if n.name == use.node)
     weight = _get(gm, use.param).detach().to(torch.float64)
-    lost = mean - p.T @ (p @ mean)
+    lost = mean - (p.T if lift is None else lift) @ (p @ mean)
     if is_grouped_mm(node):  # each expert's output takes its own share, added row by row
         _add_expert_bias(gm, node, use.param, _expert_shift(weight, use, lost, start))
         return

@@ -598,3 +598,55 @@ def test_labelled_batches_lose_their_target():
     data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
     result = fxcompress.compress(model, data, CompressConfig(rule="fixed", ratio=0.5))
     assert result.compressed and result.module(data[0][0]).shape == (4, 10)
+
+
+class _Twins(nn.Module):
+    """A residual MLP whose stream (and hidden layer) holds every channel twice: channel 8 + i is
+    a positive multiple of channel i after every op, so half the channels predict the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.res, self.out = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        twice = torch.tensor([1.0] * 8 + [2.5] * 8)
+        with torch.no_grad():
+            for layer in (self.inp, self.mid, self.res):
+                layer.weight[8:] = layer.weight[:8]
+                layer.bias[8:] = layer.bias[:8]
+                layer.weight.mul_(twice[:, None])
+                layer.bias.mul_(twice)
+
+    def forward(self, x):
+        s1 = torch.relu(self.inp(x))
+        s2 = s1 + self.res(torch.relu(self.mid(s1)))  # the stream's consumers read s1 and s2
+        return self.out(s2)
+
+
+@pytest.mark.parametrize("rule", ["fixed", "mp-robust"])
+def test_a_selection_reads_the_dropped_channels_back_from_the_kept_ones(rule):
+    """Least squares on the calibration covariance predicts each dropped channel from the kept
+    ones at every activation a consumer reads: exact on new data where they determine it, while
+    dropping them for their mean (reconstruct=False) is far off."""
+    torch.manual_seed(0)
+    model = _Twins().eval()
+    calib = [torch.randn(64, 6) for _ in range(8)]
+    options = dict(ratio=0.5) if rule == "fixed" else {}
+    fresh = torch.randn(256, 6)
+    with torch.no_grad():
+        ref = model(fresh)
+    errors = {}
+    for reconstruct in (True, False):
+        result = fxcompress.compress(model, calib, CompressConfig(rule=rule, round_to=1, reconstruct=reconstruct, **options))
+        assert {r.k for r in result.compressed} == {8} and all(r.transform == "selection" for r in result.compressed)
+        with torch.no_grad():
+            errors[reconstruct] = _rel(result.module(fresh), ref)
+    assert errors[True] < 1e-4 < 1e-2 < errors[False]
+
+
+def test_a_lift_of_the_wrong_shape_is_refused():
+    model = _Twins().eval()
+    gm = capture(model, (torch.randn(4, 6),))
+    plan = analyze_graph(gm)
+    group = next(g for g in plan.compressible if g.size == 16)
+    bad = dataclasses.replace(Projection.select(range(8), 16), lifts={group.probe: torch.zeros(16, 7)})
+    with pytest.raises(RewriteError, match="lift"):
+        rewrite(gm, plan, {group.name: bad})
