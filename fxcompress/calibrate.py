@@ -100,20 +100,22 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
     return {name: acc.split() for name, acc in accs.items()}
 
 
-def calibrate_points(gm: GraphModule, points: dict[str, tuple[int, int]], data: Iterable[Any]) -> dict[str, CovarianceAccumulator]:
-    """The covariance of the activations ``points`` (node → (axis, width)) over ``data``, one
-    accumulator each (every position a sample; padding masked as :func:`calibrate` masks it)."""
-    pm = probe_module(gm, list(points))
-    accs = {name: CovarianceAccumulator(width) for name, (_, width) in points.items()}
+def calibrate_points(gm: GraphModule, points: dict[tuple[str, int], int], data: Iterable[Any]
+                     ) -> dict[tuple[str, int], CovarianceAccumulator]:
+    """The covariance of each activation ``(node, axis)`` of ``points`` (→ its width there) over
+    ``data``: every position a sample, padding masked as :func:`calibrate` masks it."""
+    nodes = list(dict.fromkeys(node for node, _ in points))
+    pm = probe_module(gm, nodes)
+    accs = {point: CovarianceAccumulator(width) for point, width in points.items()}
     with torch.no_grad(), state_kept(pm):
         for batch in data:
             args, kwargs = as_call(batch)
             mask = kwargs.get("attention_mask")
-            for name, value in zip(points, pm(*args, **kwargs)):
-                x = torch.movedim(value.detach(), points[name][0], -1)
-                keep = mask.to(x.device) != 0 if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]) \
-                    else None
-                accs[name].update(x, keep)
+            values = dict(zip(nodes, pm(*args, **kwargs)))
+            for (node, axis), acc in accs.items():
+                x = torch.movedim(values[node].detach(), axis, -1)
+                masked = isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1])
+                acc.update(x, mask.to(x.device) != 0 if masked else None)
     return accs
 
 

@@ -250,7 +250,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     if config.uniform:
         decisions = _uniform(gm, targets, accs, decisions, config)
     if config.reconstruct:
-        decisions = _with_lifts(gm, plan, decisions, accs, batches)
+        decisions = _with_lifts(gm, plan, decisions, accs, batches, config.fold_mean)
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     log.info("widths chosen: %d of %d groups narrow (%.1f s)", len(projections), len(targets),
              time.perf_counter() - start)
@@ -443,47 +443,52 @@ def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumul
 
 
 def _with_lifts(gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple],
-                accs: Mapping[str, Sequence[CovarianceAccumulator]], batches: list[Any]) -> dict[str, tuple]:
+                accs: Mapping[str, Sequence[CovarianceAccumulator]], batches: list[Any], centered: bool) -> dict[str, tuple]:
     """Every channel selection with the least-squares read-back of each activation its
     consumers read (one more pass over the calibration data for those other than the probe)."""
     reads = {name: _read_points(gm, plan[name]) for name, (proj, _, transform) in decisions.items()
              if proj is not None and transform == "selection" and plan[name].blocks == 1 and not plan[name].routing}
-    others = {node: (axis, plan[name].size) for name, points in reads.items() for node, axis in points.items()
-              if node != plan[name].probe}
+    probes = {name: (plan[name].probe, plan[name].probe_axis) for name in reads}
+    others = {point: plan[name].size for name, points in reads.items() for point in points if point != probes[name]}
     measured = calibrate_points(gm, others, batches) if others else {}
     out = dict(decisions)
     for name, points in reads.items():
         proj, selection, transform = decisions[name]
-        lifts = {node: reconstruction(accs[name][0] if node == plan[name].probe else measured[node], proj.matrix)
-                 for node in points}
+        lifts = {point[0]: reconstruction(accs[name][0] if point == probes[name] else measured[point], proj.matrix, centered)
+                 for point in points}
         out[name] = (dataclasses.replace(proj, lifts={n: lift for n, lift in lifts.items() if lift is not None}),
                      selection, transform)
     return out
 
 
-def _read_points(gm: GraphModule, group: WidthGroup) -> dict[str, int]:
-    """The activations (node → axis of the group) that the group's plain consumers read."""
+def _read_points(gm: GraphModule, group: WidthGroup) -> list[tuple[str, int]]:
+    """The activations ``(node, axis)`` of the group that its plain consumers read whole (the
+    node holds the group along one axis only, at the group's width)."""
     axes: dict[str, list[int]] = {}
     for node, axis in group.activations:
         axes.setdefault(node, []).append(axis)
     nodes = {n.name: n for n in gm.graph.nodes}
-    points = {}
+    points = []
     for use in group.consumers:
-        if plain(use) and use.node in nodes:
-            points.update({i.name: axes[i.name][0] for i in nodes[use.node].all_input_nodes
-                           if len(axes.get(i.name, ())) == 1})
+        for read in nodes[use.node].all_input_nodes if plain(use) and use.node in nodes else ():
+            shape = getattr(read.meta.get("val"), "shape", None)
+            axis = axes.get(read.name, [None])
+            if len(axis) == 1 and axis[0] is not None and shape is not None and len(shape) > axis[0] \
+                    and shape[axis[0]] == group.size and (read.name, axis[0]) not in points:
+                points.append((read.name, axis[0]))
     return points
 
 
-def reconstruction(acc: CovarianceAccumulator, selection: torch.Tensor) -> torch.Tensor | None:
+def reconstruction(acc: CovarianceAccumulator, selection: torch.Tensor, centered: bool = True) -> torch.Tensor | None:
     """The least-squares read-back ``L = Σ Sᵀ (S Σ Sᵀ)⁻¹`` of a channel selection ``S``, from the
-    calibration covariance: each dropped channel is predicted from the kept ones (its mean is
-    the prediction only where they say nothing of it), so the consumers that read the kept
-    channels absorb the rest. None with fewer than two samples per channel, where the cross
-    covariances are too noisy to predict anything (the consumers then read ``Sᵀ``)."""
+    calibration statistics: each dropped channel is predicted from the kept ones, so the
+    consumers that read the kept channels absorb the rest. ``Σ`` is the covariance where the
+    mean is folded (the prediction is about it), else the second moment ``E[xxᵀ]`` (a
+    prediction without an intercept). None with fewer than two samples per channel, where the
+    cross moments are too noisy to predict anything (the consumers then read ``Sᵀ``)."""
     if acc.dof() < 2 * acc.dim:
         return None
-    cov = acc.covariance()
+    cov = acc.covariance(centered)
     keep = selection.argmax(dim=1).numpy()
     cross = cov[:, keep]  # d × k
     inner = cross[keep] + np.eye(len(keep)) * (1e-9 * max(float(np.trace(cross[keep])), 1e-300) / len(keep))

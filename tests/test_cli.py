@@ -76,3 +76,21 @@ def test_help_and_version_of_the_fxcompress_command(command):
     done = _run(*command, "--help")
     assert done.returncode == 0 and "usage: fxcompress" in done.stdout and "``" not in done.stdout
     assert _run("--version").stdout.strip() == f"fxcompress {fxcompress.__version__}"
+
+
+@pytest.mark.parametrize("flags, expected", [((), dict(reconstruct=True, fold_mean=True, uniform=False)),
+                                             (("--no-reconstruct", "--no-fold-mean", "--uniform"),
+                                              dict(reconstruct=False, fold_mean=False, uniform=True))])
+def test_compress_options_reach_the_config(tmp_path, monkeypatch, flags, expected):
+    seen = {}
+
+    def stop(model, batches, config):
+        seen["config"] = config
+        raise KeyboardInterrupt  # nothing past the config is under test
+
+    monkeypatch.setattr(fxcompress, "compress", stop)
+    safetensors.torch.save_file({"x": torch.randn(4, 3, 8, 8)}, tmp_path / "calib.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        cli(["compress", "torchvision:resnet18", "--num-classes", "10", "--calib", str(tmp_path / "calib.safetensors"),
+             "--out", str(tmp_path / "out"), "--quiet", *flags])
+    assert {k: getattr(seen["config"], k) for k in expected} == expected and not (tmp_path / "out").exists()

@@ -621,11 +621,12 @@ class _Twins(nn.Module):
         return self.out(s2)
 
 
-@pytest.mark.parametrize("rule", ["fixed", "mp-robust"])
-def test_a_selection_reads_the_dropped_channels_back_from_the_kept_ones(rule):
+@pytest.mark.parametrize("rule, fold_mean", [("fixed", True), ("mp-robust", True), ("fixed", False)])
+def test_a_selection_reads_the_dropped_channels_back_from_the_kept_ones(rule, fold_mean):
     """Least squares on the calibration covariance predicts each dropped channel from the kept
-    ones at every activation a consumer reads: exact on new data where they determine it, while
-    dropping them for their mean (reconstruct=False) is far off."""
+    ones at every activation a consumer reads (from the second moment, without an intercept,
+    where no mean is folded): exact on new data where they determine it, while dropping them
+    (reconstruct=False) is far off."""
     torch.manual_seed(0)
     model = _Twins().eval()
     calib = [torch.randn(64, 6) for _ in range(8)]
@@ -635,7 +636,8 @@ def test_a_selection_reads_the_dropped_channels_back_from_the_kept_ones(rule):
         ref = model(fresh)
     errors = {}
     for reconstruct in (True, False):
-        result = fxcompress.compress(model, calib, CompressConfig(rule=rule, round_to=1, reconstruct=reconstruct, **options))
+        config = CompressConfig(rule=rule, round_to=1, reconstruct=reconstruct, fold_mean=fold_mean, **options)
+        result = fxcompress.compress(model, calib, config)
         assert {r.k for r in result.compressed} == {8} and all(r.transform == "selection" for r in result.compressed)
         with torch.no_grad():
             errors[reconstruct] = _rel(result.module(fresh), ref)
