@@ -267,6 +267,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"{runs}. Paired over the same test examples; Δ = accuracy − original's, in points, with its 95 % paired-bootstrap "
              "interval; p: McNemar's exact test (discordant pairs pooled over seeds); ×oracle: parameters over the "
              "oracle's (the fewest parameters within 1 point of the original).", ""]
+    lines += rule_table(results) + [""]
     for name, task in results["tasks"].items():
         s = task["summary"]
         agreed = all("agreement" in row for row in s["candidates"].values())
@@ -282,6 +283,37 @@ def markdown(results: dict[str, Any]) -> str:
                          + (f" {row['agreement']:.3f} |" if agreed else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def agreement_pick(summary: dict[str, Any], target: float) -> str | None:
+    """What a rule that sets the level by fidelity would take: the candidate with the fewest
+    parameters whose agreement with the original before KD, on the calibration inputs, is at
+    least ``target`` (no labels, no test data)."""
+    rows = summary["candidates"]
+    ok = [n for n, r in rows.items() if n != "original" and r.get("agreement", -1) >= target]
+    return min(ok, key=lambda n: rows[n]["parameters"]) if ok else None
+
+
+AGREEMENT_TARGETS = (0.8, 0.9, 0.95)
+
+
+def rule_table(results: dict[str, Any]) -> list[str]:
+    """Each rule's parameters over the oracle's, and its Δ to the original, task by task."""
+    tasks = results["tasks"]
+    summaries = {name: task["summary"] for name, task in tasks.items()}
+    lines = ["| rule | " + " | ".join(f"{n}: ×oracle, Δ" for n in summaries) + " |",
+             "| --- |" + " --- |" * len(summaries)]
+    picks = {f"agreement ≥ {t:g} before KD (pick)": {n: agreement_pick(s, t) for n, s in summaries.items()}
+             for t in AGREEMENT_TARGETS if all("agreement" in r for s in summaries.values() for r in s["candidates"].values())}
+    rows = {rule: {n: rule for n in summaries} for rule in RULES} | picks
+    for rule, chosen in rows.items():
+        cells = []
+        for name, s in summaries.items():
+            row = s["candidates"].get(chosen[name]) if chosen[name] else None
+            pick = f" `{chosen[name]}`" if rule in picks and chosen[name] else ""
+            cells.append("—" if row is None else f"{row['to_oracle']:.2f}, {100 * row['vs_original']['diff']:+.2f}{pick}")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _points(c: dict[str, float]) -> str:

@@ -75,3 +75,25 @@ def test_the_miniature_study_runs_end_to_end(oracle, data_root, tmp_path):
                  str(tmp_path / "RESULTS.md")])
     assert (tmp_path / "again" / "ORACLE.md").read_text() == (tmp_path / "ORACLE.md").read_text()
     assert "oracle-width:start" in (tmp_path / "RESULTS.md").read_text()
+    assert rows["original"]["agreement"] == 1 and all(0 <= r["agreement"] <= 1 for r in rows.values())
+    # a fidelity-only run of the same seeds trains the same originals: its figures merge into the full run's
+    oracle.main(["--profile", "mini", "--seeds", "2", "--data-dir", str(data_root), "--out", str(tmp_path / "fid"),
+                 "--fidelity-only"])
+    assert not (tmp_path / "fid" / "ORACLE.md").exists()
+    merged = tmp_path / "merged"
+    oracle.main(["--render", str(tmp_path / "oracle-mini.json"), str(tmp_path / "fid" / "fidelity-mini.json"),
+                 "--out", str(merged)])
+    assert (merged / "ORACLE.md").read_text().count("agreement before KD") == 1
+
+
+def test_the_agreement_pick_is_the_smallest_candidate_that_agrees_enough(oracle):
+    row = lambda p, a, d: {"parameters": p, "agreement": a, "to_oracle": p / 50,  # noqa: E731
+                           "vs_original": {"diff": d}}
+    summary = {"candidates": {"original": row(100, 1.0, 0), "uniform-0.5": row(50, 0.92, -0.005),
+                              "uniform-0.25": row(25, 0.85, -0.03), "mp-robust": row(60, 0.95, 0)}}
+    assert oracle.agreement_pick(summary, 0.9) == "uniform-0.5"
+    assert oracle.agreement_pick(summary, 0.8) == "uniform-0.25"
+    assert oracle.agreement_pick(summary, 0.99) is None
+    table = "\n".join(oracle.rule_table({"tasks": {"t": {"summary": summary}}}))
+    assert "| mp-robust | 1.20, +0.00 |" in table and "| agreement ≥ 0.9 before KD (pick) | 1.00, -0.50 `uniform-0.5` |" in table
+    assert "| mp-hist-q0.5 | — |" in table  # a rule the run did not try
