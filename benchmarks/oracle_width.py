@@ -78,19 +78,23 @@ class Task:
     scales: tuple[float, ...]
     scaled_rules: tuple[str, ...]
     tune_steps: int | None = None
+    # the agreement level (CompressConfig.agreement): each of these rules' shapes at each target
+    level_rules: tuple[str, ...] = ()
+    agreements: tuple[float, ...] = ()
 
 
 _RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+_LEVEL_RULES, _AGREEMENTS = ("mp-hist-q0.5",), (0.8, 0.9)
 _SMALL_BERT = dict(layers=2, hidden=128, heads=2, ffn=512, vocab=8000, max_len=64)
 PROFILES = {
     "mini": [Task("cifar-cnn", 384, 256, 1, 1, 64, 2e-3, dict(widths=(8, 16)), (0.25, 0.5), ("mp-hist-q0.5", "mp-robust"),
-                  (0.5,), ("mp-robust",))],
+                  (0.5,), ("mp-robust",), None, ("mp-robust",), (0.9,))],
     "quick": [Task("cifar-cnn", 6000, None, 6, 1, 64, 2e-3, dict(widths=(32, 64, 128)), _RATIOS, tuple(RULES),
-                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust")),
+                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), None, _LEVEL_RULES, _AGREEMENTS),
               Task("cifar-resnet20", 6000, None, 6, 1, 64, 2e-3, {}, _RATIOS, tuple(RULES),
-                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust")),
+                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), None, _LEVEL_RULES, _AGREEMENTS),
               Task("sst2", 10000, None, 3, 1, 64, 1e-3, _SMALL_BERT, _RATIOS, tuple(RULES),
-                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), tune_steps=100)],
+                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), 100, _LEVEL_RULES, _AGREEMENTS)],
 }
 
 
@@ -173,7 +177,7 @@ def correct(module: nn.Module, batches: list) -> np.ndarray:
 
 
 # -- one task ---------------------------------------------------------------------------------------
-def run_seed(task: Task, seed: int, root: str | None, tune: bool = True) -> dict[str, Any]:
+def run_seed(task: Task, seed: int, root: str | None, tune: bool = True, levels_only: bool = False) -> dict[str, Any]:
     """Every candidate's parameters, its fidelity to the original on the calibration inputs
     before fine-tuning, and (``tune``) its per-example test correctness after it, for one seed."""
     torch.manual_seed(seed)
@@ -206,6 +210,11 @@ def run_seed(task: Task, seed: int, root: str | None, tune: bool = True) -> dict
                                                                if tune else "") + f" ({time.perf_counter() - t0:.0f} s)")
         return result
 
+    for rule in task.level_rules:
+        for target in task.agreements:
+            candidate(f"{rule}@{target:g}", fxcompress.CompressConfig(**RULES[rule], round_to=1, agreement=target))
+    if levels_only:
+        return rows
     for ratio in task.ratios:
         candidate(f"uniform-{ratio:g}", fxcompress.CompressConfig(rule="fixed", ratio=ratio, round_to=1))
     for rule in task.rules:
@@ -365,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     parser.add_argument("--tasks", default=None, help="comma-separated task names of the profile (default all)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--levels-only", action="store_true",
+                        help="only the agreement-level candidates: a supplement that --render merges into a full run "
+                             "of the same seeds")
     parser.add_argument("--out", default="out/oracle")
     parser.add_argument("--markdown", default=None, help="also write the tables into this file's oracle-width section")
     parser.add_argument("--data-dir", default=None)
@@ -386,25 +398,30 @@ def main(argv: list[str] | None = None) -> int:
     results = {"runs": [{"command": command, "machine": f"{torch.get_num_threads()} threads", "minutes": 0.0}],
                "tasks": {}, "tag": args.tag}
     for task in tasks:
-        seeds = [run_seed(task, seed, args.data_dir, tune=not args.fidelity_only) for seed in range(args.seeds)]
+        seeds = [run_seed(task, seed, args.data_dir, tune=not args.fidelity_only, levels_only=args.levels_only)
+                 for seed in range(args.seeds)]
         entry = {"task": dataclasses.asdict(task), "widths": {n: s[n].get("widths") for s in seeds[:1] for n in s}}
         if args.fidelity_only:
             entry["fidelity"] = {n: {"parameters": float(np.mean([s[n]["parameters"] for s in seeds])),
                                      **fidelity_means(seeds, n)} for n in seeds[0]}
         else:
             entry["summary"] = summarize(seeds)
+            entry["supplement"] = args.levels_only
         results["tasks"][task.name] = entry
     results["runs"][0]["minutes"] = (time.perf_counter() - start) / 60
     kind = "fidelity" if args.fidelity_only else "oracle"
     write_text(out / f"{kind}-{args.profile}.json", json.dumps(results, indent=1, default=_jsonable))
-    return 0 if args.fidelity_only else render([results], out, args.markdown)
+    return 0 if args.fidelity_only or args.levels_only else render([results], out, args.markdown)
 
 
 def render(runs: list[dict[str, Any]], out: Path, markdown_path: str | None) -> int:
     """Tables (and plots) of one or more runs' JSON, their tasks side by side."""
     merged = {"runs": [r for run in runs for r in run.get("runs") or [
         {"command": run["command"], "machine": run["machine"], "minutes": run["minutes"]}]],
-              "tasks": {_tagged(name, run): task for run in runs for name, task in run["tasks"].items() if "summary" in task}}
+              "tasks": {_tagged(name, run): task for run in runs for name, task in run["tasks"].items()
+                        if "summary" in task and not task.get("supplement")}}
+    for name, task in ((_tagged(n, run), t) for run in runs for n, t in run["tasks"].items() if t.get("supplement")):
+        _merge_supplement(merged["tasks"][name]["summary"], task["summary"], name)
     for name, task in ((_tagged(n, run), t) for run in runs for n, t in run["tasks"].items() if "fidelity" in t):
         _merge_fidelity(merged["tasks"][name]["summary"], task["fidelity"], name)
     for name, task in merged["tasks"].items():
@@ -419,6 +436,19 @@ def render(runs: list[dict[str, Any]], out: Path, markdown_path: str | None) -> 
 
 def _tagged(name: str, run: dict[str, Any]) -> str:
     return f"{name} ({run['tag']})" if run.get("tag") else name
+
+
+def _merge_supplement(summary: dict[str, Any], extra: dict[str, Any], task: str) -> None:
+    """Add a supplement's candidates to a full run's: the same seeds train the same originals
+    (checked by their accuracy), so the paired comparisons with the original stand; the oracle
+    is the full run's, and the comparison with mp-hist is missing where the supplement lacks it."""
+    mine, theirs = summary["candidates"]["original"], extra["candidates"]["original"]
+    if (mine["parameters"], mine["accuracy"]) != (theirs["parameters"], theirs["accuracy"]):
+        raise SystemExit(f"{task}: the supplement's originals differ from the full run's (same profile and seeds?)")
+    oracle = summary["candidates"][summary["oracle"]]["parameters"]
+    for name, row in extra["candidates"].items():
+        if name != "original":
+            summary["candidates"][name] = {**row, "to_oracle": row["parameters"] / oracle}
 
 
 def _merge_fidelity(summary: dict[str, Any], fidelity: dict[str, Any], task: str) -> None:

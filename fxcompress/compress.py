@@ -66,7 +66,11 @@ class CompressConfig:
     can say the result (:meth:`CompressResult.save_pretrained`). ``reconstruct``: where channels
     are selected, the consumers that read them predict the dropped channels from the kept ones
     by least squares on the calibration covariance (:func:`reconstruction`); False drops them
-    for their mean, as plain channel pruning does.
+    for their mean, as plain channel pruning does. ``agreement``: the rule gives the widths' shape
+    and this target their level: every group's width is scaled by the one factor that leaves
+    the smallest model whose top-1 output (the first output's argmax over its last axis) still
+    matches the original's on this fraction of the calibration positions, before any
+    fine-tuning (:func:`_level`; ``result.level`` says the factor and the agreement reached).
     """
 
     rule: str = "mp-hist"
@@ -86,6 +90,7 @@ class CompressConfig:
     outputs: str | tuple[str, ...] = "all"
     uniform: bool = False
     reconstruct: bool = True
+    agreement: float | None = None
 
     def __post_init__(self):
         for name in ("targets", "outputs"):  # a list of names reads as naturally as a tuple
@@ -95,6 +100,7 @@ class CompressConfig:
         check_range(self, "q", 0, 1, open_low=True, open_high=True)
         check_range(self, "tau", 0, 1, open_low=True)
         check_range(self, "ratio", 0, 1, open_low=True)
+        check_range(self, "agreement", 0, 1, open_low=True)
         check_range(self, "k", 1)
         check_range(self, "round_to", 1)
         if self.alpha not in TRACY_WIDOM_QUANTILES:
@@ -114,6 +120,9 @@ class CompressConfig:
         given = [name for name in ("ratio", "k", "widths") if getattr(self, name) is not None]
         if self.rule == "fixed" and len(given) != 1:
             raise ConfigError(f'rule="fixed" needs exactly one of ratio=, k= or widths=, got {given or "none"}')
+        if self.agreement is not None and (self.widths is not None or self.rule == "keep-all"):
+            raise ConfigError("agreement= scales the widths a rule chooses: use it with a spectral rule or a ratio, "
+                              "not with widths= or keep-all")
         if self.widths is not None and self.rule != "fixed":
             raise ConfigError('widths= sets each group\'s k: use it with rule="fixed"')
         if self.min_rank < 1:
@@ -164,6 +173,9 @@ class CompressResult:
     output_change: float | None = None
     source: Any = dataclasses.field(default=None, repr=False)  # the model given to compress (never mutated)
     example: tuple[tuple, dict] | None = dataclasses.field(default=None, repr=False)  # (args, kwargs) of capture
+    # with CompressConfig.agreement: (the factor the rule's widths were scaled by, the top-1
+    # agreement with the original on the calibration data that it reached)
+    level: tuple[float, float] | None = None
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write a transformers model as a folder its class's stock ``from_pretrained`` loads
@@ -201,7 +213,7 @@ class CompressResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"params_before": self.params_before, "params_after": self.params_after, "seconds": self.seconds,
-                "output_change": self.output_change, "step": self.step,
+                "output_change": self.output_change, "level": self.level, "step": self.step,
                 "groups": [dataclasses.asdict(r) for r in self.report]}
 
     def __str__(self) -> str:
@@ -214,6 +226,9 @@ class CompressResult:
             status = f"frozen: {r.frozen_by[0]}" if r.frozen_by else f"{r.d} → {r.k} ({r.rule}, {r.transform}, " + \
                 ("exact at k = d" if r.exact else "approximate") + ")"
             lines.append(f"  {r.name:40s} {status}")
+        if self.level is not None:
+            lines.append(f"  level: the rule's widths × {self.level[0]:.3f}, top-1 agreement with the original on the "
+                         f"calibration data {self.level[1]:.1%}")
         if self.output_change is not None:
             lines.append(f"  output change on the first calibration batch: {self.output_change:.1%} of the largest output "
                          "(\"exact at k = d\": the transform loses nothing before narrowing; narrowing does)")
@@ -249,8 +264,15 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     decisions = _select(gm, targets, accs, config)
     if config.uniform:
         decisions = _uniform(gm, targets, accs, decisions, config)
-    if config.reconstruct:
-        decisions = _with_lifts(gm, plan, decisions, accs, batches, config.fold_mean)
+    level = None
+    if config.agreement is not None:
+        if getattr(model, "training", False):
+            raise ConfigError("CompressConfig.agreement compares outputs, which dropout would draw anew: call "
+                              "model.eval() first")
+        decisions, level = _level(gm, plan, targets, accs, decisions, batches, config)
+    elif config.reconstruct:
+        narrowed = {name: decision for name, decision in decisions.items() if decision[0] is not None}
+        decisions = _lifted(decisions, _read_statistics(gm, plan, narrowed, accs, batches), config.fold_mean)
     projections = {name: proj for name, (proj, _, _) in decisions.items() if proj is not None}
     log.info("widths chosen: %d of %d groups narrow (%.1f s)", len(projections), len(targets),
              time.perf_counter() - start)
@@ -266,7 +288,7 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
              time.perf_counter() - start)
     return CompressResult(module, plan, report, before, num_parameters(module),
                           time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm,
-                          None if config.outputs == "all" else config.outputs, change, model, (args, kwargs))
+                          None if config.outputs == "all" else config.outputs, change, model, (args, kwargs), level)
 
 
 def _run(module: GraphModule, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -442,23 +464,102 @@ def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumul
     return Projection(parts[0] if len(parts) == 1 else torch.block_diag(*parts), mean), selection, transform
 
 
-def _with_lifts(gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple],
-                accs: Mapping[str, Sequence[CovarianceAccumulator]], batches: list[Any], centered: bool) -> dict[str, tuple]:
-    """Every channel selection with the least-squares read-back of each activation its
-    consumers read (one more pass over the calibration data for those other than the probe)."""
-    reads = {name: _read_points(gm, plan[name]) for name, (proj, _, transform) in decisions.items()
-             if proj is not None and transform == "selection" and plan[name].blocks == 1 and not plan[name].routing}
+def _read_statistics(gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple],
+                     accs: Mapping[str, Sequence[CovarianceAccumulator]], batches: list[Any]
+                     ) -> dict[str, dict[str, CovarianceAccumulator]]:
+    """For each channel selection among ``decisions``: the activations its consumers read, each
+    with its calibration statistics (the probe's own; one more pass over the calibration data
+    for the others)."""
+    reads = {name: _read_points(gm, plan[name]) for name, (_, selection, transform) in decisions.items()
+             if selection is not None and transform == "selection" and plan[name].blocks == 1 and not plan[name].routing}
     probes = {name: (plan[name].probe, plan[name].probe_axis) for name in reads}
     others = {point: plan[name].size for name, points in reads.items() for point in points if point != probes[name]}
     measured = calibrate_points(gm, others, batches) if others else {}
+    return {name: {point[0]: accs[name][0] if point == probes[name] else measured[point] for point in points}
+            for name, points in reads.items()}
+
+
+def _lifted(decisions: Mapping[str, tuple], statistics: Mapping[str, Mapping[str, CovarianceAccumulator]],
+            centered: bool) -> dict[str, tuple]:
+    """``decisions`` with each narrowed selection's least-squares read-back at every activation
+    its consumers read."""
     out = dict(decisions)
-    for name, points in reads.items():
+    for name, reads in statistics.items():
         proj, selection, transform = decisions[name]
-        lifts = {point[0]: reconstruction(accs[name][0] if point == probes[name] else measured[point], proj.matrix, centered)
-                 for point in points}
-        out[name] = (dataclasses.replace(proj, lifts={n: lift for n, lift in lifts.items() if lift is not None}),
-                     selection, transform)
+        if proj is not None:
+            lifts = {node: reconstruction(acc, proj.matrix, centered) for node, acc in reads.items()}
+            out[name] = (dataclasses.replace(proj, lifts={n: lift for n, lift in lifts.items() if lift is not None}),
+                         selection, transform)
     return out
+
+
+def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Mapping[str, Sequence[CovarianceAccumulator]],
+           decisions: Mapping[str, tuple], batches: list[Any], config: CompressConfig) -> tuple[dict[str, tuple], tuple]:
+    """The rule's widths times one factor: the smallest whose narrowed model (read-backs
+    included, before any fine-tuning) gives the original's top-1 output on at least
+    ``config.agreement`` of the calibration positions. A bisection in the factor's logarithm;
+    every trial is a rewrite and a pass over the calibration data. Returns the decisions and
+    ``(factor, agreement)``."""
+    calls = [as_call(batch) for batch in batches]
+    reference = [_top1(_run(gm, *call), "the original") for call in calls]
+    rule = {g.name: g.size if decisions[g.name][0] is None else decisions[g.name][0].k
+            for g in targets if decisions[g.name][1] is not None}
+    if not rule:
+        return dict(decisions), (1.0, 1.0)
+    statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
+    tried: dict[tuple, tuple[float, dict]] = {}
+
+    def trial(factor: float) -> tuple[float, dict]:
+        widths = {name: _scaled(plan[name], k, factor, config) for name, k in rule.items()}
+        key = tuple(sorted(widths.items()))
+        if key not in tried:
+            out = dict(decisions)
+            for name, k in widths.items():
+                _, selection, transform = decisions[name]
+                fixed = dataclasses.replace(config, rule="fixed", widths={name: k}, ratio=None, k=None, agreement=None)
+                out[name] = (None if k >= plan[name].size else _decide(gm, plan[name], accs[name], fixed)[0],
+                             selection, transform)
+            out = _lifted(out, statistics, config.fold_mean)
+            module = rewrite(gm, plan, {n: p for n, (p, _, _) in out.items() if p is not None})
+            hits = [(_top1(_run(module, *call), "the narrowed model") == ref) for call, ref in zip(calls, reference)]
+            tried[key] = (float(torch.cat([h.reshape(-1) for h in hits]).float().mean()), out)
+            log.info("widths × %.3f: agreement %.3f", factor, tried[key][0])
+        return tried[key]
+
+    low = min(1 / k for k in rule.values())
+    high = max(plan[name].size / k for name, k in rule.items())
+    best = high
+    if trial(low)[0] >= config.agreement:
+        best = low
+    else:
+        for _ in range(LEVEL_STEPS):
+            middle = (low * high) ** 0.5
+            if trial(middle)[0] >= config.agreement:
+                high = best = middle
+            else:
+                low = middle
+    agreement, out = trial(best)
+    return out, (best, agreement)
+
+
+LEVEL_STEPS = 10  # bisection steps of the agreement level: the factor to within (largest range)^(1/1024)
+
+
+def _scaled(group: WidthGroup, k: int, factor: float, config: CompressConfig) -> int:
+    """``k`` times ``factor``, per block: rounded up to ``round_to``, within [``min_rank``, block]."""
+    per_block = k // group.blocks
+    width = config.round_to * int(np.ceil(factor * per_block / config.round_to - 1e-9))
+    return group.blocks * min(max(width, config.min_rank, 1), group.block_size)
+
+
+def _top1(outputs: list[torch.Tensor], what: str) -> torch.Tensor:
+    """The top-1 index along the last axis of the first output (its logits)."""
+    if not outputs or outputs[0].ndim < 1 or outputs[0].shape[-1] < 2:
+        shape = tuple(outputs[0].shape) if outputs else "none"
+        raise ConfigError(f"CompressConfig.agreement compares top-1 outputs, but {what}'s first output has shape "
+                          f"{shape}: it needs scores over two or more classes along the last axis (logits); "
+                          "choose the outputs with CompressConfig(outputs=...) or set the widths with a rule")
+    return outputs[0].argmax(dim=-1)
 
 
 def _read_points(gm: GraphModule, group: WidthGroup) -> list[tuple[str, int]]:

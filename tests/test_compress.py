@@ -1,6 +1,7 @@
 """Rewrite exactness and fxcompress.compress on the oracle zoo."""
 
 import dataclasses
+import math
 import sys
 
 import pytest
@@ -652,3 +653,47 @@ def test_a_lift_of_the_wrong_shape_is_refused():
     bad = dataclasses.replace(Projection.select(range(8), 16), lifts={group.probe: torch.zeros(16, 7)})
     with pytest.raises(RewriteError, match="lift"):
         rewrite(gm, plan, {group.name: bad})
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 24),
+                         nn.ReLU(), nn.Linear(24, 10)).eval()
+
+
+def test_agreement_scales_the_rule_widths_to_the_smallest_model_that_agrees_enough():
+    model = _small_cnn()
+    calib = [torch.randn(32, 3, 8, 8) for _ in range(4)]
+    results = {t: fxcompress.compress(model, calib, CompressConfig(rule="fixed", ratio=0.25, round_to=1, agreement=t,
+                                                                     reconstruct=False))
+               for t in (0.6, 0.95)}
+    for target, result in results.items():
+        factor, agreement = result.level
+        with torch.no_grad():
+            hits = torch.cat([model(x).argmax(-1) == result.module(x).argmax(-1) for x in calib])
+        assert agreement == pytest.approx(float(hits.float().mean())) and agreement >= target
+        assert {r.k for r in result.report if r.rule} == {min(r.d, max(1, math.ceil(factor * (r.d // 4) - 1e-9)))
+                                                         for r in result.report if r.rule}
+        assert f"× {factor:.3f}" in str(result) and result.to_dict()["level"] == result.level
+    assert results[0.6].params_after <= results[0.95].params_after
+
+
+@pytest.mark.parametrize("make, config, match", [
+    (lambda: _small_cnn().train(), dict(rule="mp-robust", agreement=0.9), "eval"),
+    (lambda: nn.Sequential(*_small_cnn()[:-1], nn.Linear(24, 1)).eval(), dict(rule="mp-robust", agreement=0.9),
+     "two or more classes"),
+])
+def test_agreement_needs_a_deterministic_model_with_logits(make, config, match):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=match):
+        fxcompress.compress(model, [torch.randn(8, 3, 8, 8)], CompressConfig(**config))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_agreement_is_refused_with_explicit_widths():
+    with pytest.raises(ConfigError, match="agreement"):
+        CompressConfig(rule="fixed", widths={"a": 2}, agreement=0.9)
+    with pytest.raises(ConfigError, match="agreement"):
+        CompressConfig(agreement=1.5)

@@ -84,6 +84,15 @@ def test_the_miniature_study_runs_end_to_end(oracle, data_root, tmp_path):
     oracle.main(["--render", str(tmp_path / "oracle-mini.json"), str(tmp_path / "fid" / "fidelity-mini.json"),
                  "--out", str(merged)])
     assert (merged / "ORACLE.md").read_text().count("agreement before KD") == 1
+    assert "mp-robust@0.9" in rows  # the agreement level, at the mini profile's one target
+    # a supplement of the level candidates alone merges into the full run
+    oracle.main(["--profile", "mini", "--seeds", "2", "--data-dir", str(data_root), "--out", str(tmp_path / "sup"),
+                 "--levels-only"])
+    supplement = json.loads((tmp_path / "sup" / "oracle-mini.json").read_text())["tasks"]["cifar-cnn"]
+    assert supplement["supplement"] and set(supplement["summary"]["candidates"]) == {"original", "mp-robust@0.9"}
+    oracle.main(["--render", str(tmp_path / "oracle-mini.json"), str(tmp_path / "sup" / "oracle-mini.json"),
+                 "--out", str(tmp_path / "both")])
+    assert (tmp_path / "both" / "ORACLE.md").read_text().count("| mp-robust@0.9 |") == 1
 
 
 def test_the_agreement_pick_is_the_smallest_candidate_that_agrees_enough(oracle):
