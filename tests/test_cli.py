@@ -79,8 +79,8 @@ def test_help_and_version_of_the_fxcompress_command(command):
 
 
 @pytest.mark.parametrize("flags, expected", [((), dict(reconstruct=True, fold_mean=True, uniform=False)),
-                                             (("--no-reconstruct", "--no-fold-mean", "--uniform"),
-                                              dict(reconstruct=False, fold_mean=False, uniform=True))])
+                                             (("--no-reconstruct", "--no-fold-mean", "--uniform", "--agreement", "0.9"),
+                                              dict(reconstruct=False, fold_mean=False, uniform=True, agreement=0.9))])
 def test_compress_options_reach_the_config(tmp_path, monkeypatch, flags, expected):
     seen = {}
 
