@@ -288,18 +288,19 @@ def markdown(results: dict[str, Any]) -> str:
             vo, vr = row["vs_original"], row["vs_rmt"]
             mark = " ★" if cand == s["oracle"] else ""
             lines.append(f"| {cand}{mark} | {row['parameters']:,.0f} | {row['to_oracle']:.2f} | {row['accuracy']:.4f} | "
-                         f"{_points(vo)} | {vo['p']:.3g} | {_points(vr) if vr else '—'} | {vr['p'] if vr else float('nan'):.3g} |"
+                         f"{_points(vo)} | {vo['p']:.3g} | {_points(vr) if vr else '—'} | {format(vr['p'], '.3g') if vr else '—'} |"
                          + (f" {row['agreement']:.3f} |" if agreed else ""))
         lines.append("")
     return "\n".join(lines)
 
 
 def agreement_pick(summary: dict[str, Any], target: float) -> str | None:
-    """What a rule that sets the level by fidelity would take: the candidate with the fewest
-    parameters whose agreement with the original before KD, on the calibration inputs, is at
-    least ``target`` (no labels, no test data)."""
+    """What a rule that sets the level by fidelity would take from the sweep: the candidate
+    (other than the agreement levels themselves) with the fewest parameters whose agreement with
+    the original before KD, on the calibration inputs, is at least ``target`` (no labels, no
+    test data)."""
     rows = summary["candidates"]
-    ok = [n for n, r in rows.items() if n != "original" and r.get("agreement", -1) >= target]
+    ok = [n for n, r in rows.items() if n != "original" and "@" not in n and r.get("agreement", -1) >= target]
     return min(ok, key=lambda n: rows[n]["parameters"]) if ok else None
 
 
@@ -312,9 +313,11 @@ def rule_table(results: dict[str, Any]) -> list[str]:
     summaries = {name: task["summary"] for name, task in tasks.items()}
     lines = ["| rule | " + " | ".join(f"{n}: ×oracle, Δ" for n in summaries) + " |",
              "| --- |" + " --- |" * len(summaries)]
-    picks = {f"agreement ≥ {t:g} before KD (pick)": {n: agreement_pick(s, t) for n, s in summaries.items()}
-             for t in AGREEMENT_TARGETS if all("agreement" in r for s in summaries.values() for r in s["candidates"].values())}
-    rows = {rule: {n: rule for n in summaries} for rule in RULES} | picks
+    measured = {n for n, s in summaries.items() if all("agreement" in r for r in s["candidates"].values())}
+    picks = {f"agreement ≥ {t:g} before KD (pick)": {n: agreement_pick(s, t) if n in measured else None
+                                                     for n, s in summaries.items()} for t in AGREEMENT_TARGETS}
+    levels = sorted({c for s in summaries.values() for c in s["candidates"] if "@" in c})
+    rows = {rule: {n: rule for n in summaries} for rule in (*RULES, *levels)} | (picks if measured else {})
     for rule, chosen in rows.items():
         cells = []
         for name, s in summaries.items():
