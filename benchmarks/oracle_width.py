@@ -290,7 +290,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {cand}{mark} | {row['parameters']:,.0f} | {row['to_oracle']:.2f} | {row['accuracy']:.4f} | "
                          f"{_points(vo)} | {vo['p']:.3g} | {_points(vr) if vr else '—'} | {format(vr['p'], '.3g') if vr else '—'} |"
                          + (f" {row['agreement']:.3f} |" if agreed else ""))
-        lines.append("")
+        lines += ["", f"Accuracy against parameters, each rule's point and the oracle marked: `{plot_name(name)}`.", ""]
     return "\n".join(lines)
 
 
@@ -428,13 +428,18 @@ def render(runs: list[dict[str, Any]], out: Path, markdown_path: str | None) -> 
     for name, task in ((_tagged(n, run), t) for run in runs for n, t in run["tasks"].items() if "fidelity" in t):
         _merge_fidelity(merged["tasks"][name]["summary"], task["fidelity"], name)
     for name, task in merged["tasks"].items():
-        plot(name, task["summary"], out / f"oracle-{name.replace(' ', '-').replace('(', '').replace(')', '')}.png")
+        plot(name, task["summary"], out / plot_name(name))
     text = markdown(merged)
     write_text(out / "ORACLE.md", text)
     if markdown_path:
         write_markdown_section(Path(markdown_path), text)
     print(text)
     return 0
+
+
+def plot_name(task: str) -> str:
+    """The file name of a task's accuracy-against-parameters plot."""
+    return "oracle-" + task.replace(" ", "-").replace("(", "").replace(")", "") + ".png"
 
 
 def _tagged(name: str, run: dict[str, Any]) -> str:
