@@ -92,7 +92,7 @@ def test_the_miniature_study_runs_end_to_end(oracle, data_root, tmp_path):
     assert supplement["supplement"] and set(supplement["summary"]["candidates"]) == {"original", "mp-robust@0.9"}
     oracle.main(["--render", str(tmp_path / "oracle-mini.json"), str(tmp_path / "sup" / "oracle-mini.json"),
                  "--out", str(tmp_path / "both")])
-    assert (tmp_path / "both" / "ORACLE.md").read_text().count("| mp-robust@0.9 |") == 1
+    assert (tmp_path / "both" / "ORACLE.md").read_text().count("| mp-robust@0.9 |") == 2  # rule table, task table
 
 
 def test_the_agreement_pick_is_the_smallest_candidate_that_agrees_enough(oracle):
