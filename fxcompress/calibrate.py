@@ -110,12 +110,10 @@ def calibrate_points(gm: GraphModule, points: dict[tuple[str, int], int], data: 
     with torch.no_grad(), state_kept(pm):
         for batch in data:
             args, kwargs = as_call(batch)
-            mask = kwargs.get("attention_mask")
             values = dict(zip(nodes, pm(*args, **kwargs)))
             for (node, axis), acc in accs.items():
                 x = torch.movedim(values[node].detach(), axis, -1)
-                masked = isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1])
-                acc.update(x, mask.to(x.device) != 0 if masked else None)
+                acc.update(x, _kept(kwargs.get("attention_mask"), x))
     return accs
 
 
@@ -148,10 +146,14 @@ def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correla
     acc = accs.get(group.name)
     if acc is None:
         acc = accs[group.name] = CovarianceAccumulator(group.size, blocks=group.blocks, shift_null=sequences)
-    keep = None
+    acc.update(x, _kept(mask, x), null_seed=index)  # without the null, (..., d) batches are flattened to samples by update()
+
+
+def _kept(mask: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The positions of ``x`` (``(..., d)``) that an attention mask of its shape keeps; None: all."""
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
-        keep = mask.to(x.device) != 0
-    acc.update(x, keep, null_seed=index)  # without the null, (..., d) batches are flattened to samples by update()
+        return mask.to(x.device) != 0
+    return None
 
 
 class ExpertAccumulators:

@@ -516,8 +516,7 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
             out = dict(decisions)
             for name, k in widths.items():
                 _, selection, transform = decisions[name]
-                fixed = dataclasses.replace(config, rule="fixed", widths={name: k}, ratio=None, k=None, agreement=None)
-                out[name] = (None if k >= plan[name].size else _decide(gm, plan[name], accs[name], fixed)[0],
+                out[name] = (None if k >= plan[name].size else _at_width(gm, plan[name], accs[name], config, k),
                              selection, transform)
             out = _lifted(out, statistics, config.fold_mean)
             module = rewrite(gm, plan, {n: p for n, (p, _, _) in out.items() if p is not None})
@@ -617,9 +616,15 @@ def _uniform(gm: GraphModule, targets: Sequence[WidthGroup], accs: Mapping[str, 
             if width >= group.size:
                 out[group.name] = (None, selection, transform)
             elif proj.k != width:
-                fixed = dataclasses.replace(config, rule="fixed", widths={group.name: width}, ratio=None, k=None)
-                out[group.name] = (_decide(gm, group, accs[group.name], fixed)[0], selection, transform)
+                out[group.name] = (_at_width(gm, group, accs[group.name], config, width), selection, transform)
     return out
+
+
+def _at_width(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumulator], config: CompressConfig,
+              width: int) -> Projection:
+    """The group's projection at ``width``, built as ``config`` builds it (transform, mean)."""
+    fixed = dataclasses.replace(config, rule="fixed", widths={group.name: width}, ratio=None, k=None, agreement=None)
+    return _decide(gm, group, accs, fixed)[0]
 
 
 def _null(accs: Sequence[CovarianceAccumulator], rule: str) -> dict[str, Any]:
