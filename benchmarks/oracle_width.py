@@ -17,13 +17,15 @@ candidate with the fewest parameters whose mean paired difference to the origina
 size; below 1: smaller than any candidate that keeps accuracy, so it lost more than a point).
 
 CIFAR-10 tasks test on all 10,000 images of ``data_batch_5`` and validate on 1,000 held out of
-the training batches; SST-2 tests on its dev set (872 sentences: the only labelled split left
-after training). Results go to ``<out>/oracle-<profile>.json``, ``<out>/ORACLE.md`` and a plot
+the training batches. The GLUE tasks train a small BERT from scratch on 10,000 rows: SST-2 tests on its
+dev set (872 sentences: the only labelled split left after training), QNLI on its dev set (5,463
+pairs), QQP on the 20 % of GLUE dev (8,086 pairs) that its training rows were not drawn from. Results go to ``<out>/oracle-<profile>.json``, ``<out>/ORACLE.md`` and a plot
 per task; ``--markdown benchmarks/RESULTS.md`` also writes the tables into that file between
 its ``oracle-width`` markers (the rest of it is kept).
 
     python benchmarks/oracle_width.py --profile quick              # CIFAR-10 CNN and ResNet-20, 3 seeds
-    python benchmarks/oracle_width.py --profile quick --tasks sst2 # the BERT-style SST-2 task
+    python benchmarks/oracle_width.py --profile quick --tasks sst2,qqp,qnli  # the BERT-style GLUE tasks
+    python benchmarks/oracle_width.py --profile quick --tasks sst2 --ratios 0.03125  # a supplement of ratios
     python benchmarks/oracle_width.py --profile mini               # the miniature make test runs
     python benchmarks/oracle_width.py --render a.json b.json --markdown benchmarks/RESULTS.md  # tables of runs
 """
@@ -65,7 +67,7 @@ TOLERANCE = 0.01  # the oracle keeps accuracy within one point of the original's
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    name: str  # cifar-cnn, cifar-resnet20, sst2
+    name: str  # cifar-cnn, cifar-resnet20, or a GLUE task (sst2, qnli, qqp)
     train_rows: int
     test_rows: int | None  # None: the whole test split
     epochs: int
@@ -84,6 +86,7 @@ class Task:
 
 
 _RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+_TEXT_RATIOS = (0.03125, 0.0625) + _RATIOS  # the small BERTs keep their accuracy down to 0.125
 _LEVEL_RULES, _AGREEMENTS = ("mp-hist-q0.5",), (0.8, 0.9)
 _SMALL_BERT = dict(layers=2, hidden=128, heads=2, ffn=512, vocab=8000, max_len=64)
 PROFILES = {
@@ -93,7 +96,11 @@ PROFILES = {
                    (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), None, _LEVEL_RULES, _AGREEMENTS),
               Task("cifar-resnet20", 6000, None, 6, 1, 64, 2e-3, {}, _RATIOS, tuple(RULES),
                    (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), None, _LEVEL_RULES, _AGREEMENTS),
-              Task("sst2", 10000, None, 3, 1, 64, 1e-3, _SMALL_BERT, _RATIOS, tuple(RULES),
+              Task("sst2", 10000, None, 3, 1, 64, 1e-3, _SMALL_BERT, _TEXT_RATIOS, tuple(RULES),
+                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), 100, _LEVEL_RULES, _AGREEMENTS),
+              Task("qqp", 10000, None, 3, 1, 64, 1e-3, dict(_SMALL_BERT, max_len=96), _TEXT_RATIOS, tuple(RULES),
+                   (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), 100, _LEVEL_RULES, _AGREEMENTS),
+              Task("qnli", 10000, None, 3, 1, 64, 1e-3, dict(_SMALL_BERT, max_len=128), _TEXT_RATIOS, tuple(RULES),
                    (0.5, 1.5), ("mp-hist-q0.5", "mp-robust"), 100, _LEVEL_RULES, _AGREEMENTS)],
 }
 
@@ -116,17 +123,23 @@ def resnet20(classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
+#: the labelled split each GLUE task tests on (its training rows come from the other)
+GLUE_TEST = {"sst2": "dev", "qnli": "dev", "qqp": "test"}
+
+
 def task_data(task: Task, root: str | None, seed: int) -> tuple[Any, list, int | None]:
     """(train loader, test batches, vocabulary size): CIFAR-10 trains on ``train_rows`` of the
     first four batches (1,000 more held out, as a validation split would be) and tests on all of
-    ``data_batch_5``; SST-2 tests on its dev set. The test split is the same for every seed."""
-    if task.name == "sst2":
-        train = glue("sst2", "train", root)
+    ``data_batch_5``; a GLUE task tests on :data:`GLUE_TEST`'s split. The test split is the same
+    for every seed."""
+    if task.name in GLUE_TEST:
+        train = glue(task.name, "train", root)
         train = train.subset(np.random.default_rng(seed).permutation(len(train))[: task.train_rows])
+        test = glue(task.name, GLUE_TEST[task.name], root)
+        test = test.subset(np.arange(min(task.test_rows or len(test), len(test))))
         tok = wordpiece(train, task.model["vocab"])
         return (_token_batches(encode(tok, train, task.model["max_len"]), task.batch),
-                _token_batches(encode(tok, glue("sst2", "dev", root), task.model["max_len"]), 256),
-                tok.get_vocab_size())
+                _token_batches(encode(tok, test, task.model["max_len"]), 256), tok.get_vocab_size())
     x, y = cifar10(root, ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4"])
     picked = np.random.default_rng(seed).permutation(len(x))[1000:1000 + task.train_rows]
     train = torch.utils.data.TensorDataset(torch.from_numpy(x[picked]), torch.from_numpy(y[picked]))
@@ -144,7 +157,7 @@ def _batches(x: np.ndarray, y: np.ndarray, size: int = 500) -> list[tuple[torch.
 def build(task: Task, vocab: int | None) -> nn.Module:
     if task.name == "cifar-resnet20":
         return resnet20()
-    if task.name == "sst2":
+    if task.name in GLUE_TEST:
         return bert(types.SimpleNamespace(model=task.model), vocab)
     return cnn(types.SimpleNamespace(model=task.model))
 
@@ -177,7 +190,7 @@ def correct(module: nn.Module, batches: list) -> np.ndarray:
 
 
 # -- one task ---------------------------------------------------------------------------------------
-def run_seed(task: Task, seed: int, root: str | None, tune: bool = True, levels_only: bool = False) -> dict[str, Any]:
+def run_seed(task: Task, seed: int, root: str | None, tune: bool = True) -> dict[str, Any]:
     """Every candidate's parameters, its fidelity to the original on the calibration inputs
     before fine-tuning, and (``tune``) its per-example test correctness after it, for one seed."""
     torch.manual_seed(seed)
@@ -213,8 +226,6 @@ def run_seed(task: Task, seed: int, root: str | None, tune: bool = True, levels_
     for rule in task.level_rules:
         for target in task.agreements:
             candidate(f"{rule}@{target:g}", fxcompress.CompressConfig(**RULES[rule], round_to=1, agreement=target))
-    if levels_only:
-        return rows
     for ratio in task.ratios:
         candidate(f"uniform-{ratio:g}", fxcompress.CompressConfig(rule="fixed", ratio=ratio, round_to=1))
     for rule in task.rules:
@@ -255,11 +266,17 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
                       "vs_original": paired(stack[name], stack["original"]),
                       "vs_rmt": paired(stack[name], stack[REFERENCE]) if REFERENCE in stack else None}
         rows[name].update(fidelity_means(seeds, name))
-    keeps = [n for n in names if n != "original" and rows[n]["vs_original"]["diff"] >= -TOLERANCE]
+    return {"candidates": rows, "oracle": _oracle(rows), "seeds": len(seeds), "examples": int(stack["original"].shape[1])}
+
+
+def _oracle(rows: dict[str, dict[str, Any]]) -> str:
+    """The candidate with the fewest parameters whose mean paired difference to the original is
+    at least −1 point (the original, if none); every row's ``to_oracle`` is set against it."""
+    keeps = [n for n, r in rows.items() if n != "original" and r["vs_original"]["diff"] >= -TOLERANCE]
     oracle = min(keeps, key=lambda n: rows[n]["parameters"]) if keeps else "original"
-    for name in names:
-        rows[name]["to_oracle"] = rows[name]["parameters"] / rows[oracle]["parameters"]
-    return {"candidates": rows, "oracle": oracle, "seeds": len(seeds), "examples": int(stack["original"].shape[1])}
+    for row in rows.values():
+        row["to_oracle"] = row["parameters"] / rows[oracle]["parameters"]
+    return oracle
 
 
 def fidelity_means(seeds: list[dict[str, Any]], name: str) -> dict[str, float]:
@@ -380,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels-only", action="store_true",
                         help="only the agreement-level candidates: a supplement that --render merges into a full run "
                              "of the same seeds")
+    parser.add_argument("--ratios", default=None, type=lambda text: tuple(float(r) for r in text.split(",")),
+                        help="only these uniform ratios (comma-separated): a supplement, as --levels-only")
     parser.add_argument("--out", default="out/oracle")
     parser.add_argument("--markdown", default=None, help="also write the tables into this file's oracle-width section")
     parser.add_argument("--data-dir", default=None)
@@ -400,8 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         return render([json.loads(Path(p).read_text()) for p in args.render], out, args.markdown)
     results = {"runs": [{"command": command, "machine": f"{torch.get_num_threads()} threads", "minutes": 0.0}],
                "tasks": {}, "tag": args.tag}
+    supplement = bool(args.levels_only or args.ratios)
     for task in tasks:
-        seeds = [run_seed(task, seed, args.data_dir, tune=not args.fidelity_only, levels_only=args.levels_only)
+        if supplement:  # the candidates asked for alone (the full task stays in the JSON)
+            part = dataclasses.replace(task, ratios=args.ratios or (), rules=(),
+                                       level_rules=task.level_rules if args.levels_only else ())
+        seeds = [run_seed(part if supplement else task, seed, args.data_dir, tune=not args.fidelity_only)
                  for seed in range(args.seeds)]
         entry = {"task": dataclasses.asdict(task), "widths": {n: s[n].get("widths") for s in seeds[:1] for n in s}}
         if args.fidelity_only:
@@ -409,12 +432,12 @@ def main(argv: list[str] | None = None) -> int:
                                      **fidelity_means(seeds, n)} for n in seeds[0]}
         else:
             entry["summary"] = summarize(seeds)
-            entry["supplement"] = args.levels_only
+            entry["supplement"] = supplement
         results["tasks"][task.name] = entry
     results["runs"][0]["minutes"] = (time.perf_counter() - start) / 60
     kind = "fidelity" if args.fidelity_only else "oracle"
     write_text(out / f"{kind}-{args.profile}.json", json.dumps(results, indent=1, default=_jsonable))
-    return 0 if args.fidelity_only or args.levels_only else render([results], out, args.markdown)
+    return 0 if args.fidelity_only or supplement else render([results], out, args.markdown)
 
 
 def render(runs: list[dict[str, Any]], out: Path, markdown_path: str | None) -> int:
@@ -448,15 +471,14 @@ def _tagged(name: str, run: dict[str, Any]) -> str:
 
 def _merge_supplement(summary: dict[str, Any], extra: dict[str, Any], task: str) -> None:
     """Add a supplement's candidates to a full run's: the same seeds train the same originals
-    (checked by their accuracy), so the paired comparisons with the original stand; the oracle
-    is the full run's, and the comparison with mp-hist is missing where the supplement lacks it."""
+    (checked by their accuracy), so the paired comparisons with the original stand. The oracle
+    is found again among all of them; the comparison with mp-hist is missing where the
+    supplement lacks it."""
     mine, theirs = summary["candidates"]["original"], extra["candidates"]["original"]
     if (mine["parameters"], mine["accuracy"]) != (theirs["parameters"], theirs["accuracy"]):
         raise SystemExit(f"{task}: the supplement's originals differ from the full run's (same profile and seeds?)")
-    oracle = summary["candidates"][summary["oracle"]]["parameters"]
-    for name, row in extra["candidates"].items():
-        if name != "original":
-            summary["candidates"][name] = {**row, "to_oracle": row["parameters"] / oracle}
+    summary["candidates"].update({name: row for name, row in extra["candidates"].items() if name != "original"})
+    summary["oracle"] = _oracle(summary["candidates"])
 
 
 def _merge_fidelity(summary: dict[str, Any], fidelity: dict[str, Any], task: str) -> None:

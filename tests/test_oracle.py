@@ -93,6 +93,35 @@ def test_the_miniature_study_runs_end_to_end(oracle, data_root, tmp_path):
     oracle.main(["--render", str(tmp_path / "oracle-mini.json"), str(tmp_path / "sup" / "oracle-mini.json"),
                  "--out", str(tmp_path / "both")])
     assert (tmp_path / "both" / "ORACLE.md").read_text().count("| mp-robust@0.9 |") == 2  # rule table, task table
+    # so does one of uniform ratios alone
+    oracle.main(["--profile", "mini", "--seeds", "2", "--data-dir", str(data_root), "--out", str(tmp_path / "low"),
+                 "--ratios", "0.125"])
+    low = json.loads((tmp_path / "low" / "oracle-mini.json").read_text())["tasks"]["cifar-cnn"]["summary"]
+    assert set(low["candidates"]) == {"original", "uniform-0.125"}
+
+
+def test_a_supplement_that_keeps_accuracy_with_fewer_parameters_is_the_new_oracle(oracle):
+    row = lambda p, d: {"parameters": p, "accuracy": 0.8, "vs_original": {"diff": d}}  # noqa: E731
+    full = {"candidates": {"original": row(100, 0), "uniform-0.5": row(50, -0.005), "mp-robust": row(80, 0)}}
+    full["oracle"] = oracle._oracle(full["candidates"])
+    assert full["oracle"] == "uniform-0.5" and full["candidates"]["mp-robust"]["to_oracle"] == pytest.approx(1.6)
+    lower = {"candidates": {"original": row(100, 0), "uniform-0.25": row(25, -0.008), "uniform-0.125": row(12, -0.03)}}
+    oracle._merge_supplement(full, lower, "t")
+    assert full["oracle"] == "uniform-0.25" and full["candidates"]["mp-robust"]["to_oracle"] == pytest.approx(3.2)
+    with pytest.raises(SystemExit, match="originals differ"):
+        oracle._merge_supplement(full, {"candidates": {"original": row(99, 0)}}, "t")
+
+
+@pytest.mark.parametrize("task, test_split, rows", [("qqp", "test", 8086), ("qnli", "dev", 5463), ("sst2", "dev", 872)])
+def test_each_glue_task_tests_on_the_split_it_did_not_train_on(oracle, data_root, tmp_path, monkeypatch,
+                                                              task, test_split, rows):
+    monkeypatch.setenv("FXCOMPRESS_CACHE", str(tmp_path))
+    spec = next(t for t in oracle.PROFILES["quick"] if t.name == task)
+    small = oracle.dataclasses.replace(spec, train_rows=64, model=dict(spec.model, vocab=300))
+    train, test, vocab = oracle.task_data(small, str(data_root), seed=0)
+    assert oracle.GLUE_TEST[task] == test_split and sum(len(b["labels"]) for b in train) == 64
+    assert sum(len(b["labels"]) for b in test) == rows and vocab <= 300
+    assert isinstance(oracle.build(small, vocab), oracle.nn.Module)
 
 
 def test_the_agreement_pick_is_the_smallest_candidate_that_agrees_enough(oracle):
