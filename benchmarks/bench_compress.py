@@ -36,7 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, batches, what = _model(args)
-    config = fxcompress.CompressConfig(rule=args.rule, **({"ratio": 0.5} if args.rule == "fixed" else {}))
+    # the stages themselves, at the rule's own widths (an agreement level repeats rewrite and calibration)
+    config = fxcompress.CompressConfig(rule=args.rule, **({"ratio": 0.5} if args.rule == "fixed" else {"agreement": None}))
     print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters), rule {args.rule}, "
           f"2 batches of {what}, {torch.get_num_threads()} threads")
     runs = [_stages(model, batches, config) for _ in range(2)]  # the first call also pays one-time set-up

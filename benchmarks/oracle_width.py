@@ -57,10 +57,11 @@ from fxcompress.rmtkd import calibration_subset
 sys.path.insert(0, str(Path(__file__).parent))
 from reproduce import _token_batches, bert, cnn, log  # noqa: E402  (the reproduction's models and batching)
 
-#: name → CompressConfig options of each rule under study
-RULES = {"mp-hist-q0.3": dict(rule="mp-hist", q=0.3), "mp-hist-q0.5": dict(rule="mp-hist", q=0.5),
-         "mp-robust": dict(rule="mp-robust"), "gavish-donoho": dict(rule="gavish-donoho"),
-         "energy-0.90": dict(rule="energy", tau=0.9), "energy-0.95": dict(rule="energy", tau=0.95)}
+#: name → CompressConfig options of each rule under study (its own widths: agreement=None)
+RULES = {name: dict(options, agreement=None) for name, options in {
+    "mp-hist-q0.3": dict(rule="mp-hist", q=0.3), "mp-hist-q0.5": dict(rule="mp-hist", q=0.5),
+    "mp-robust": dict(rule="mp-robust"), "gavish-donoho": dict(rule="gavish-donoho"),
+    "energy-0.90": dict(rule="energy", tau=0.9), "energy-0.95": dict(rule="energy", tau=0.95)}.items()}
 REFERENCE = "mp-hist-q0.5"  # RMT-KD's rule, the second reference of every paired comparison
 TOLERANCE = 0.01  # the oracle keeps accuracy within one point of the original's
 
@@ -225,7 +226,7 @@ def run_seed(task: Task, seed: int, root: str | None, tune: bool = True) -> dict
 
     for rule in task.level_rules:
         for target in task.agreements:
-            candidate(f"{rule}@{target:g}", fxcompress.CompressConfig(**RULES[rule], round_to=1, agreement=target))
+            candidate(f"{rule}@{target:g}", fxcompress.CompressConfig(**{**RULES[rule], "agreement": target}, round_to=1))
     for ratio in task.ratios:
         candidate(f"uniform-{ratio:g}", fxcompress.CompressConfig(rule="fixed", ratio=ratio, round_to=1))
     for rule in task.rules:

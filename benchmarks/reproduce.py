@@ -209,18 +209,19 @@ def run_task(task: Task, args) -> dict[str, Any]:
         return result
 
     wanted = set(task.methods)
-    rmt = loop("rmt-mp-hist", fxcompress.CompressConfig(rule="mp-hist", q=0.5), plots=True)
+    rmt = loop("rmt-mp-hist", fxcompress.CompressConfig(rule="mp-hist", q=0.5, agreement=None), plots=True)
     if "rmt-mp-robust" in wanted:
-        loop("rmt-mp-robust", fxcompress.CompressConfig(rule="mp-robust"))
+        loop("rmt-mp-robust", fxcompress.CompressConfig(rule="mp-robust", agreement=None))
     for tau in (0.9, 0.95, 0.99):
         if f"pca-{round(tau * 100)}" in wanted:
-            loop(f"pca-{round(tau * 100)}", fxcompress.CompressConfig(rule="energy", tau=tau))
+            loop(f"pca-{round(tau * 100)}", fxcompress.CompressConfig(rule="energy", tau=tau, agreement=None))
     widths = {g: k for step in rmt.steps for g, k in step["widths"].items()}
     if widths:
         if "magnitude" in wanted:
             loop("magnitude", fxcompress.CompressConfig(rule="fixed", widths=widths, transform="magnitude"))
         if "rmt-no-kd" in wanted:
-            loop("rmt-no-kd", fxcompress.CompressConfig(rule="mp-hist", q=0.5), dataclasses.replace(tune, alpha=1.0))
+            loop("rmt-no-kd", fxcompress.CompressConfig(rule="mp-hist", q=0.5, agreement=None),
+                 dataclasses.replace(tune, alpha=1.0))
         if "rmt-no-ft" in wanted:
             rows["rmt-no-ft"] = score(_one_shot(model, train, fxcompress.CompressConfig(rule="fixed",
                                                                                         widths=widths)).module)
@@ -228,10 +229,10 @@ def run_task(task: Task, args) -> dict[str, Any]:
             t0 = time.perf_counter()
             rows["scratch-kd"] = score(_scratch(model, rmt, train, task)) | {"seconds": time.perf_counter() - t0}
             log(f"[{task.name}] scratch-kd: accuracy {rows['scratch-kd']['accuracy']:.4f}")
-    spectra = _one_shot(model, train, fxcompress.CompressConfig(rule="mp-hist", q=0.5))
+    spectra = _one_shot(model, train, fxcompress.CompressConfig(rule="mp-hist", q=0.5, agreement=None))
     plot_spectra(spectra.selections, Path(args.out) / f"{args.profile}-{task.name}-spectra.png",
                  title=f"{task.name}: per-layer spectra of the trained original (mp-hist, q = 0.5)")
-    quantiles = {str(q): score(_one_shot(model, train, fxcompress.CompressConfig(rule="mp-hist", q=q)).module)
+    quantiles = {str(q): score(_one_shot(model, train, fxcompress.CompressConfig(rule="mp-hist", q=q, agreement=None)).module)
                  for q in task.quantiles}
     for name, figures in _latency(rows, train, out, args).items():
         rows[name].update(figures)

@@ -160,9 +160,11 @@ def _add_compress(sub: Any) -> None:
     cmd.add_argument("--fold-batchnorm", action="store_true", help="fold BatchNorm into the layer before it first")
     cmd.add_argument("--uniform", action="store_true", help="one width per kind of group (every layer's MLP alike)")
     cmd.add_argument("--no-fold-mean", action="store_true", help="add no bias for the lost mean")
-    cmd.add_argument("--agreement", type=float, default=None,
-                     help="scale the rule's widths to the smallest model whose top-1 output agrees with the original's "
-                          "on this fraction of the calibration data (e.g. 0.9)")
+    level = cmd.add_mutually_exclusive_group()
+    level.add_argument("--agreement", type=float, default=None,
+                       help="scale the rule's widths to the smallest model whose top-1 output agrees with the "
+                            "original's on this fraction of the calibration data (default 0.8 for the spectral rules)")
+    level.add_argument("--no-agreement", action="store_true", help="take the spectral rule's own widths, unscaled")
     cmd.add_argument("--no-reconstruct", action="store_true",
                      help="drop unselected channels for their mean instead of predicting them from the kept ones")
     cmd.add_argument("--onnx", action="store_true", help="also write model.onnx (validated against the module)")
@@ -205,7 +207,8 @@ def _compress_config(args: argparse.Namespace) -> Any:
              "reconstruct": False if args.no_reconstruct else None, "agreement": args.agreement,
              "targets": tuple(args.targets.split(",")) if args.targets else None,
              "outputs": tuple(args.outputs.split(",")) if args.outputs else None}
-    return CompressConfig(**{k: v for k, v in given.items() if v is not None})
+    return CompressConfig(**{k: v for k, v in given.items() if v is not None},
+                          **({"agreement": None} if args.no_agreement else {}))
 
 
 def _calibration(path: Path, batch_size: int) -> list[Any]:

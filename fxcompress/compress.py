@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.linalg
@@ -42,11 +42,19 @@ from fxcompress.validate import check_fields, check_range, require_instance
 log = logging.getLogger(__name__)  # progress, stage by stage: logging.basicConfig(level=logging.INFO)
 
 TRANSFORMS = ("auto", "projection", "selection", "magnitude")
+#: the agreement level of the spectral rules by default: in the oracle-width study (benchmarks/
+#: RESULTS.md) it kept every task within one point of the original after KD, at 1.0–1.6× the
+#: smallest model that did, where the rules' own widths were 0.2–8.5× off
+DEFAULT_AGREEMENT = 0.8
+BUDGETS = ("fixed", "keep-all")  # rules whose widths the user sets: no level unless asked
 
 
 @dataclasses.dataclass(frozen=True)
 class CompressConfig:
-    """How to compress. Defaults follow the RMT-KD paper (``mp-hist`` with q = 0.5).
+    """How to compress. By default, the RMT-KD paper's rule (``mp-hist``, q = 0.5) gives each
+    group's width relative to the others, and an agreement of 0.8 how deep all of them cut (the
+    level the oracle-width study supports); ``agreement=None`` takes the rule's own widths, as
+    the paper does.
 
     Rule options (``q``, ``alpha``, ``tau``, ``ratio``, ``k``) are passed to the rule that
     takes them; ``rule="fixed"`` also takes ``widths``, a width per group name (only those
@@ -71,6 +79,10 @@ class CompressConfig:
     the smallest model whose top-1 output (the first output's argmax over its last axis) still
     matches the original's on this fraction of the calibration positions, before any
     fine-tuning (:func:`_level`; ``result.level`` says the factor and the agreement reached).
+    Its default, ``"auto"`` (:attr:`target_agreement`), is :data:`DEFAULT_AGREEMENT` for the
+    spectral rules and None for the budgets (``fixed``, ``keep-all``), whose widths are the
+    user's; in :func:`fxcompress.rmtkd` it is None: each round takes the rule's own widths and
+    the loop's accuracy floor decides how far to go.
     """
 
     rule: str = "mp-hist"
@@ -90,7 +102,7 @@ class CompressConfig:
     outputs: str | tuple[str, ...] = "all"
     uniform: bool = False
     reconstruct: bool = True
-    agreement: float | None = None
+    agreement: float | Literal["auto"] | None = "auto"
 
     def __post_init__(self):
         for name in ("targets", "outputs"):  # a list of names reads as naturally as a tuple
@@ -100,7 +112,8 @@ class CompressConfig:
         check_range(self, "q", 0, 1, open_low=True, open_high=True)
         check_range(self, "tau", 0, 1, open_low=True)
         check_range(self, "ratio", 0, 1, open_low=True)
-        check_range(self, "agreement", 0, 1, open_low=True)
+        if self.agreement != "auto":
+            check_range(self, "agreement", 0, 1, open_low=True)
         check_range(self, "k", 1)
         check_range(self, "round_to", 1)
         if self.alpha not in TRACY_WIDOM_QUANTILES:
@@ -120,13 +133,21 @@ class CompressConfig:
         given = [name for name in ("ratio", "k", "widths") if getattr(self, name) is not None]
         if self.rule == "fixed" and len(given) != 1:
             raise ConfigError(f'rule="fixed" needs exactly one of ratio=, k= or widths=, got {given or "none"}')
-        if self.agreement is not None and (self.widths is not None or self.rule == "keep-all"):
+        if self.agreement not in (None, "auto") and (self.widths is not None or self.rule == "keep-all"):
             raise ConfigError("agreement= scales the widths a rule chooses: use it with a spectral rule or a ratio, "
                               "not with widths= or keep-all")
         if self.widths is not None and self.rule != "fixed":
             raise ConfigError('widths= sets each group\'s k: use it with rule="fixed"')
         if self.min_rank < 1:
             raise ConfigError(f"CompressConfig.min_rank must be ≥ 1 (a group cannot vanish), got {self.min_rank}")
+
+    @property
+    def target_agreement(self) -> float | None:
+        """The agreement level :func:`compress` will reach: ``agreement``, with ``"auto"`` as
+        :data:`DEFAULT_AGREEMENT` for a spectral rule and None for a budget."""
+        if self.agreement == "auto":
+            return None if self.rule in BUDGETS else DEFAULT_AGREEMENT
+        return self.agreement
 
     def rule_options(self, group: str | None = None) -> dict[str, Any]:
         if self.widths is not None:
@@ -265,11 +286,14 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     if config.uniform:
         decisions = _uniform(gm, targets, accs, decisions, config)
     level = None
-    if config.agreement is not None:
+    target = config.target_agreement
+    if target is not None:
         if getattr(model, "training", False):
-            raise ConfigError("CompressConfig.agreement compares outputs, which dropout would draw anew: call "
-                              "model.eval() first")
-        decisions, level = _level(gm, plan, targets, accs, decisions, batches, config)
+            default = " (the spectral rules' default level)" if config.agreement == "auto" else ""
+            raise ConfigError(f"CompressConfig.agreement={target}{default} compares the outputs of the original and "
+                              "the narrowed model, which dropout would draw anew: the model is in training mode; call "
+                              "model.eval() first, or pass agreement=None for the rule's own widths")
+        decisions, level = _level(gm, plan, targets, accs, decisions, batches, config, target)
     elif config.reconstruct:
         narrowed = {name: decision for name, decision in decisions.items() if decision[0] is not None}
         decisions = _lifted(decisions, _read_statistics(gm, plan, narrowed, accs, batches), config.fold_mean)
@@ -494,16 +518,17 @@ def _lifted(decisions: Mapping[str, tuple], statistics: Mapping[str, Mapping[str
 
 
 def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Mapping[str, Sequence[CovarianceAccumulator]],
-           decisions: Mapping[str, tuple], batches: list[Any], config: CompressConfig) -> tuple[dict[str, tuple], tuple]:
+           decisions: Mapping[str, tuple], batches: list[Any], config: CompressConfig,
+           target: float) -> tuple[dict[str, tuple], tuple]:
     """The rule's widths times one factor: the smallest whose narrowed model (read-backs
     included, before any fine-tuning) gives the original's top-1 output on at least
-    ``config.agreement`` of the calibration positions. A bisection in the factor's logarithm;
+    ``target`` of the calibration positions. A bisection in the factor's logarithm;
     every trial is a rewrite and a pass over the calibration data. Returns the decisions and
     ``(factor, agreement)``."""
     calls = [as_call(batch) for batch in batches]
     reference = [_top1(_run(gm, *call), "the original") for call in calls]
     rule = {g.name: g.size if decisions[g.name][0] is None else decisions[g.name][0].k
-            for g in targets if decisions[g.name][1] is not None}
+            for g in targets if _scalable(decisions[g.name][1])}
     if not rule:
         return dict(decisions), (1.0, 1.0)
     statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
@@ -528,17 +553,24 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
     low = min(1 / k for k in rule.values())
     high = max(plan[name].size / k for name, k in rule.items())
     best = high
-    if trial(low)[0] >= config.agreement:
+    if trial(low)[0] >= target:
         best = low
     else:
         for _ in range(LEVEL_STEPS):
             middle = (low * high) ** 0.5
-            if trial(middle)[0] >= config.agreement:
+            if trial(middle)[0] >= target:
                 high = best = middle
             else:
                 low = middle
     agreement, out = trial(best)
     return out, (best, agreement)
+
+
+def _scalable(selection: RankSelection | None) -> bool:
+    """Whether a group's width takes part in the level: not where there was no spectrum, nor
+    where an MP rule had too few eigenvalues to fit a noise bulk (it kept every direction, and
+    says so in the report; a level would narrow it on no evidence)."""
+    return selection is not None and not (selection.rule in MP_RULES and selection.sigma2 is None)
 
 
 LEVEL_STEPS = 10  # bisection steps of the agreement level: the factor to within (largest range)^(1/1024)
@@ -557,7 +589,8 @@ def _top1(outputs: list[torch.Tensor], what: str) -> torch.Tensor:
         shape = tuple(outputs[0].shape) if outputs else "none"
         raise ConfigError(f"CompressConfig.agreement compares top-1 outputs, but {what}'s first output has shape "
                           f"{shape}: it needs scores over two or more classes along the last axis (logits); "
-                          "choose the outputs with CompressConfig(outputs=...) or set the widths with a rule")
+                          "choose the outputs with CompressConfig(outputs=...), or pass agreement=None for the "
+                          "rule's own widths")
     return outputs[0].argmax(dim=-1)
 
 

@@ -64,6 +64,8 @@ STOPS = {
 class RMTKDConfig:
     """The loop's settings. The floor is ``accuracy_floor``, or the baseline minus ``max_drop``."""
 
+    # agreement="auto" (the default) is None here, as in the paper: each round takes the rule's own
+    # widths and the accuracy floor (with its rollback) stops the loop; a level per round compounds
     compress: CompressConfig = CompressConfig()
     distill: DistillConfig = DistillConfig()
     max_drop: float = 0.02
@@ -308,7 +310,8 @@ def _round(current: GraphModule, groups: tuple[str, ...], calib: list[Any], trai
     """One round: the record, the fine-tuned student, its :attr:`CompressResult.step`, the optimiser state."""
     start = time.perf_counter()
     index = len(state.rounds)
-    result = compress(current, calib, dataclasses.replace(config.compress, targets=groups))
+    own = {"agreement": None} if config.compress.agreement == "auto" else {}  # the rule's own widths
+    result = compress(current, calib, dataclasses.replace(config.compress, targets=groups, **own))
     by_name = {r.name: r for r in result.report}
     fields = dict(index=index, pass_index=state.pass_index, groups=groups,
                   widths={g: [by_name[g].d, by_name[g].k] for g in groups},

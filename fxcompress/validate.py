@@ -72,6 +72,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return any(_matches(value, a) for a in args)
     if hint is Any:
         return True
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
     if hint is type(None):
         return value is None
     if hint is float:
@@ -100,6 +102,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if hint is type(None):
         return "None"
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return f"a tuple of {_describe(args[0])}"
     if origin in (collections.abc.Mapping, dict):

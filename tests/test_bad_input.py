@@ -57,7 +57,7 @@ def test_select_rank_refuses_max_iter_zero():
 
 
 def test_activations_too_large_to_square_keep_the_group_whole_and_say_why():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).double().eval()
     result = fxcompress.compress(model, [torch.randn(64, 8, dtype=torch.float64) * 1e200 for _ in range(2)])
     hidden = next(r for r in result.report if r.d == 32)
     assert hidden.k == 32 and "overflows float64" in hidden.frozen_by[0]

@@ -78,9 +78,13 @@ def test_help_and_version_of_the_fxcompress_command(command):
     assert _run("--version").stdout.strip() == f"fxcompress {fxcompress.__version__}"
 
 
-@pytest.mark.parametrize("flags, expected", [((), dict(reconstruct=True, fold_mean=True, uniform=False)),
-                                             (("--no-reconstruct", "--no-fold-mean", "--uniform", "--agreement", "0.9"),
-                                              dict(reconstruct=False, fold_mean=False, uniform=True, agreement=0.9))])
+@pytest.mark.parametrize("flags, expected", [
+    ((), dict(reconstruct=True, fold_mean=True, uniform=False, target_agreement=0.8)),
+    (("--no-reconstruct", "--no-fold-mean", "--uniform", "--agreement", "0.9"),
+     dict(reconstruct=False, fold_mean=False, uniform=True, agreement=0.9)),
+    (("--no-agreement",), dict(rule="mp-hist", agreement=None, target_agreement=None)),
+    (("--rule", "fixed", "--ratio", "0.5"), dict(target_agreement=None)),
+])
 def test_compress_options_reach_the_config(tmp_path, monkeypatch, flags, expected):
     seen = {}
 

@@ -631,7 +631,7 @@ def test_a_selection_reads_the_dropped_channels_back_from_the_kept_ones(rule, fo
     torch.manual_seed(0)
     model = _Twins().eval()
     calib = [torch.randn(64, 6) for _ in range(8)]
-    options = dict(ratio=0.5) if rule == "fixed" else {}
+    options = dict(ratio=0.5) if rule == "fixed" else dict(agreement=None)  # the rule's own widths
     fresh = torch.randn(256, 6)
     with torch.no_grad():
         ref = model(fresh)
@@ -690,6 +690,22 @@ def test_agreement_needs_a_deterministic_model_with_logits(make, config, match):
     with pytest.raises(ConfigError, match=match):
         fxcompress.compress(model, [torch.randn(8, 3, 8, 8)], CompressConfig(**config))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_default_level_is_for_the_spectral_rules_and_not_for_budgets():
+    assert CompressConfig().agreement == "auto" and CompressConfig().target_agreement == 0.8
+    assert CompressConfig(rule="mp-robust").target_agreement == 0.8
+    assert CompressConfig(rule="fixed", ratio=0.5).target_agreement is None
+    assert CompressConfig(rule="keep-all").target_agreement is None
+    assert CompressConfig(agreement=None).target_agreement is None
+    assert CompressConfig(rule="fixed", ratio=0.5, agreement=0.9).target_agreement == 0.9
+    with pytest.raises(ConfigError, match="'auto'"):
+        CompressConfig(agreement="0.8")
+    model = _small_cnn()
+    calib = [torch.randn(32, 3, 8, 8) for _ in range(4)]
+    default, own = (fxcompress.compress(model, calib, CompressConfig(round_to=1, **extra))
+                    for extra in ({}, {"agreement": None}))
+    assert default.level is not None and default.level[1] >= 0.8 and own.level is None
 
 
 def test_agreement_is_refused_with_explicit_widths():

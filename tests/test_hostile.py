@@ -238,7 +238,9 @@ def _user_model() -> Counting:
 CALLS = {
     "capture": lambda m, train, val, tmp: fxcompress.capture(m, (train[0][0],)),
     "analyze": lambda m, train, val, tmp: fxcompress.analyze(m, (train[0][0],)),
-    "compress": lambda m, train, val, tmp: fxcompress.compress(m, [b[0] for b in train[:3]]),
+    # in training mode: the rule's own widths (the default agreement level refuses dropout)
+    "compress": lambda m, train, val, tmp: fxcompress.compress(m, [b[0] for b in train[:3]],
+                                                               CompressConfig(agreement=None)),
     "distill (teacher)": lambda m, train, val, tmp: fxcompress.distill(
         fxcompress.capture(m, (train[0][0],)), m, train[:3], DistillConfig(progress=False)),
     "rmtkd": lambda m, train, val, tmp: fxcompress.rmtkd(m, train[:5], val, _config(), out_dir=tmp),
@@ -255,6 +257,17 @@ def test_no_public_call_touches_the_users_model_or_the_rng(call, tmp_path):
     before = _snapshot(model)
     CALLS[call](model, train, val, tmp_path)
     assert _same(before, _snapshot(model))
+
+
+def test_the_agreement_level_touches_neither_the_users_model_nor_the_rng():
+    train, _ = task()
+    model = _user_model().eval()
+    before = _snapshot(model)
+    result = fxcompress.compress(model, [b[0] for b in train[:3]])  # the default: mp-hist at agreement 0.8
+    assert result.level is not None and result.level[1] >= 0.8
+    assert _same(before, _snapshot(model))
+    with pytest.raises(ConfigError, match="training mode; call model.eval"):
+        fxcompress.compress(model.train(), [b[0] for b in train[:3]])
 
 
 def test_the_compressed_model_keeps_a_written_buffer_of_its_own():
