@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 import types
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    command = "python benchmarks/oracle_width.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/oracle_width.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.render:
         return render([json.loads(Path(p).read_text()) for p in args.render], out, args.markdown)
     results = {"runs": [{"command": command, "machine": f"{torch.get_num_threads()} threads", "minutes": 0.0}],
