@@ -1,6 +1,6 @@
 """Sweep fxcompress.compress over real architectures (random weights, no downloads).
 
-For each model and each rule (``fixed`` ratio 0.5 and the default), prints the groups
+For each model and each rule (``fixed`` ratio 0.5, and ``default``: ``mp-hist`` at its own widths), prints the groups
 found / compressed / frozen, parameters before → after, seconds, and whether the output
 kept its shape and stayed finite.
 

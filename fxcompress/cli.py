@@ -150,8 +150,8 @@ def _add_compress(sub: Any) -> None:
     cmd.add_argument("--num-classes", type=int, default=None, help="torchvision: classes of the head (default its own)")
     cmd.add_argument("--head", default="base", choices=sorted(HEADS),
                      help="transformers: the model class (default base: AutoModel)")
-    cmd.add_argument("--rule", default=None, help="rank rule (default the paper's mp-hist): mp-hist, mp-robust, "
-                                                  "fixed, energy, gavish-donoho, …")
+    cmd.add_argument("--rule", default=None, help="rank rule (default mp-hist, the paper's, at --agreement 0.8): "
+                                                  "mp-hist, mp-robust, fixed, energy, gavish-donoho, …")
     for name, kind in (("q", float), ("alpha", float), ("tau", float), ("ratio", float), ("k", int), ("round-to", int)):
         cmd.add_argument(f"--{name}", type=kind, default=None, help=f"the rule's {name} (CompressConfig.{name.replace('-', '_')})")
     cmd.add_argument("--transform", default=None, help="auto, projection, selection or magnitude")
