@@ -122,8 +122,8 @@ def test_a_graph_module_has_no_class_to_keep():
 def test_uniform_widths_save_as_a_folder_stock_from_pretrained_loads(tmp_path):
     model = LANGUAGE_MODELS["llama"]().eval()
     ids = [torch.randint(2, 97, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    config = CompressConfig(rule="mp-robust", round_to=4, uniform=True, fold_mean=False,
-                            targets=("*mlp*", "model.embed_tokens"))
+    config = CompressConfig(rule="mp-robust", round_to=4, uniform=True, fold_mean=False, agreement=None,
+                            targets=("*mlp*", "model.embed_tokens"))  # the rule's own widths: random weights
     result = fxcompress.compress(model, ids, config)
     mlp = {r.k for r in result.report if ".mlp." in r.name}
     assert len(mlp) == 1 and mlp.pop() < 128  # every layer's MLP at one width
