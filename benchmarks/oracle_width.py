@@ -17,10 +17,10 @@ candidate with the fewest parameters whose mean paired difference to the origina
 size; below 1: smaller than any candidate that keeps accuracy, so it lost more than a point).
 
 CIFAR-10 tasks test on all 10,000 images of ``data_batch_5`` and validate on 1,000 held out of
-the training batches. The GLUE tasks train a small BERT from scratch on 10,000 rows: SST-2 tests on its
-dev set (872 sentences: the only labelled split left after training), QNLI on its dev set (5,463
-pairs), QQP on the 20 % of GLUE dev (8,086 pairs) that its training rows were not drawn from. Results go to ``<out>/oracle-<profile>.json``, ``<out>/ORACLE.md`` and a plot
-per task; ``--markdown benchmarks/RESULTS.md`` also writes the tables into that file between
+the training batches. The GLUE tasks train a small BERT from scratch on 10,000 rows: SST-2
+tests on its dev set (872 sentences: the only labelled split left after training), QNLI on its
+dev set (5,463 pairs), QQP on the 20 % of GLUE dev (8,086 pairs) that its training rows were not
+drawn from. Results go to ``<out>/oracle-<profile>.json``, ``<out>/ORACLE.md`` and a plot per task; ``--markdown benchmarks/RESULTS.md`` also writes the tables into that file between
 its ``oracle-width`` markers (the rest of it is kept).
 
     python benchmarks/oracle_width.py --profile quick              # CIFAR-10 CNN and ResNet-20, 3 seeds
@@ -423,11 +423,10 @@ def main(argv: list[str] | None = None) -> int:
                "tasks": {}, "tag": args.tag}
     supplement = bool(args.levels_only or args.ratios)
     for task in tasks:
-        if supplement:  # the candidates asked for alone (the full task stays in the JSON)
-            part = dataclasses.replace(task, ratios=args.ratios or (), rules=(),
-                                       level_rules=task.level_rules if args.levels_only else ())
-        seeds = [run_seed(part if supplement else task, seed, args.data_dir, tune=not args.fidelity_only)
-                 for seed in range(args.seeds)]
+        # a supplement runs the candidates asked for alone (the full task stays in the JSON)
+        part = dataclasses.replace(task, ratios=args.ratios or (), rules=(), level_rules=task.level_rules
+                                   if args.levels_only else ()) if supplement else task
+        seeds = [run_seed(part, seed, args.data_dir, tune=not args.fidelity_only) for seed in range(args.seeds)]
         entry = {"task": dataclasses.asdict(task), "widths": {n: s[n].get("widths") for s in seeds[:1] for n in s}}
         if args.fidelity_only:
             entry["fidelity"] = {n: {"parameters": float(np.mean([s[n]["parameters"] for s in seeds])),
