@@ -2,9 +2,10 @@
 
 Each round runs one fresh process per tree, alternating which goes first; each process warms
 up (lazy imports, the first export), then times capture, analysis, calibration, rank
-selection and rewrite of one call, and ``compress`` end to end on a second. Printed: the
-medians per tree and the median new/old ratio with its range. Make the old tree with
-``git worktree add /tmp/old <commit>``.
+selection and rewrite of one call, ``compress`` end to end on a second (a ratio of 0.5), and
+``compress`` with the default ``CompressConfig()`` (whose agreement level rewrites and runs
+the model once per trial) on a third. Printed: the medians per tree and the median new/old
+ratio with its range. Make the old tree with ``git worktree add /tmp/old <commit>``.
 
     python benchmarks/compare_commits.py /tmp/old --models timm/resnet18,timm/convnext_atto,bert
 """
@@ -51,6 +52,7 @@ targets = _targets(plan, config); accs = calibrate(gm, targets, batches); lap("c
 decisions = _select(gm, targets, accs, config); lap("selection")
 rewrite(gm, plan, {n: p for n, (p, _, _) in decisions.items() if p is not None}); lap("rewrite")
 fxcompress.compress(model, batches, config); lap("compress")
+fxcompress.compress(model, batches); lap("default")  # CompressConfig(): mp-hist at agreement 0.8, ~10 trials
 print(json.dumps(seconds))
 '''
 

@@ -246,20 +246,20 @@ def _tensors(source: Any) -> Iterator[torch.Tensor]:
         yield from source.buffers()
 
 
-def _copy(model: Any, share_weights: bool) -> Any:
+def copy_module(model: Any, share_weights: bool) -> Any:
     """A deep copy of ``model``; with ``share_weights``, of its structure only (its tensors are shared)."""
     return copy.deepcopy(model, {id(t): t for t in _tensors(model)} if share_weights else None)
 
 
 def _export(model: Any, args: tuple, kwargs: dict, share_weights: bool) -> torch.export.ExportedProgram:
     if isinstance(model, torch.export.ExportedProgram):
-        return _copy(model, share_weights)
+        return copy_module(model, share_weights)
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
                            f"got {type(model).__name__}")
     if not args and not kwargs:
         raise CaptureError("capturing a module needs example inputs: pass one batch as the model is called")
-    work = _copy(model, share_weights).eval()
+    work = copy_module(model, share_weights).eval()
     make_headwise(work)  # nn.MultiheadAttention with an explicit head axis the analysis can follow
     for module in work.modules():  # encoder-decoder models keep a config per stack
         if getattr(getattr(module, "config", None), "use_cache", False):

@@ -30,7 +30,7 @@ from torch.fx import GraphModule
 
 from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate, calibrate_points
-from fxcompress.capture import capture, keep_outputs, own_weights, state_kept
+from fxcompress.capture import capture, copy_module, keep_outputs, own_weights, state_kept
 from fxcompress.errors import ConfigError, DataError
 from fxcompress.rewrite import Projection, fold_batch_norms, plain, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
@@ -544,7 +544,9 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
                 out[name] = (None if k >= plan[name].size else _at_width(gm, plan[name], accs[name], config, k),
                              selection, transform)
             out = _lifted(out, statistics, config.fold_mean)
-            module = rewrite(gm, plan, {n: p for n, (p, _, _) in out.items() if p is not None})
+            # rewrite installs new tensors and never writes into the old: a trial, only run, shares the rest
+            module = rewrite(copy_module(gm, share_weights=True), plan,
+                             {n: p for n, (p, _, _) in out.items() if p is not None}, inplace=True)
             hits = [(_top1(_run(module, *call), "the narrowed model") == ref) for call, ref in zip(calls, reference)]
             tried[key] = (float(torch.cat([h.reshape(-1) for h in hits]).float().mean()), out)
             log.info("widths × %.3f: agreement %.3f", factor, tried[key][0])

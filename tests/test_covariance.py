@@ -222,10 +222,30 @@ def test_spectra_read_between_batches_follow_the_samples():
     x = rng.standard_normal((90, 120)) * np.linspace(0.5, 3.0, 120)
     acc, fresh = CovarianceAccumulator(120), CovarianceAccumulator(120)
     acc.update(x[:40])
-    first = acc.eigenvalues()
+    first, first_vectors = acc.eigenvalues(), acc.leading_eigenvectors(5)
     acc.update(x[40:])
     fresh.update(x)
     assert not np.allclose(first, acc.eigenvalues())
     assert np.allclose(acc.eigenvalues(), fresh.eigenvalues(), atol=1e-12)
     assert np.allclose(acc.eigenvalues(centered=False), fresh.eigenvalues(centered=False), atol=1e-12)
     assert np.allclose(np.abs(np.sum(acc.leading_eigenvectors(3) * fresh.leading_eigenvectors(3), axis=0)), 1.0)
+    assert not np.allclose(np.abs(np.sum(first_vectors[:, :3] * fresh.leading_eigenvectors(3), axis=0)), 1.0)
+
+
+@pytest.mark.parametrize("samples", [120, 900])  # rows mode (n ≤ d) and sums mode
+def test_spectra_read_again_are_kept_and_the_callers_own(samples):
+    """Widths tried one after another (an agreement level) read one state's spectrum and
+    eigenvectors again and again: they are computed once, for the most columns asked so far."""
+    rng = np.random.default_rng(5)
+    acc = CovarianceAccumulator(200)
+    acc.update(rng.standard_normal((samples, 200)) * np.linspace(0.5, 4.0, 200))
+    _, vecs = acc.eigh()
+    wide = acc.leading_eigenvectors(40)
+    held = acc.state_bytes()
+    narrow = acc.leading_eigenvectors(7)  # the first columns of the 40 kept
+    assert np.array_equal(narrow, wide[:, :7]) and acc.state_bytes() == held
+    assert np.allclose(np.abs(np.sum(acc.leading_eigenvectors(60) * vecs[:, :60], axis=0)), 1.0, atol=1e-8)
+    values = acc.eigenvalues()
+    values[:] = 0.0
+    narrow[:] = 0.0
+    assert acc.eigenvalues()[0] > 0 and np.allclose(np.abs(np.sum(acc.leading_eigenvectors(7) * vecs[:, :7], axis=0)), 1.0)

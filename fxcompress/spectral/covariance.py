@@ -79,6 +79,10 @@ class CovarianceAccumulator:
         self._xtx: torch.Tensor | None = None  # Σ (x-s)(x-s)ᵀ per block, once there are more samples than features
         self._rows: list[torch.Tensor] | None = []  # the rows x - s themselves, while count ≤ block
         self._gram_memo: tuple[tuple[int, bool], np.ndarray] | None = None  # ((count, centred), their Gram matrix)
+        # the spectrum and the most leading eigenvectors read so far, by (count, centred): read again and again
+        # when widths are tried one after another (an agreement level); any new sample changes the count
+        self._values_memo: tuple[tuple[int, bool], np.ndarray] | None = None
+        self._vectors_memo: tuple[tuple[int, bool], int, np.ndarray] | None = None  # (key, k asked, columns)
         self._sum = torch.zeros(self.dim, dtype=torch.float64)
         self.shift = None if shift is None else self._check_shift(shift)
         self.null = CovarianceAccumulator(self.dim, blocks=blocks, shift=self.shift) if shift_null else None
@@ -159,8 +163,11 @@ class CovarianceAccumulator:
         return cov * inv[:, None] * inv[None, :]
 
     def eigenvalues(self, centered: bool = True) -> np.ndarray:
-        """Eigenvalues of :meth:`covariance`, in descending order."""
-        return self.eigh(centered, vectors=False)[0]
+        """Eigenvalues of :meth:`covariance`, in descending order (computed once per sample count)."""
+        key = (self.count, centered)
+        if self._values_memo is None or self._values_memo[0] != key:
+            self._values_memo = key, self.eigh(centered, vectors=False)[0]
+        return self._values_memo[1].copy()
 
     def eigh(self, centered: bool = True, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Eigenvalues (descending, ``dim`` of them) and eigenvectors (columns) of :meth:`covariance`.
@@ -184,12 +191,19 @@ class CovarianceAccumulator:
     def leading_eigenvectors(self, k: int, centered: bool = True) -> np.ndarray:
         """The eigenvectors (columns) of the ``k`` largest eigenvalues of :meth:`covariance`.
 
-        Only those are computed (LAPACK's subset driver) when they are few. While there are
-        no more samples than features, they come from the Gram matrix, and only those of
-        non-zero eigenvalues exist: then fewer than ``k`` columns may come back.
+        Only those are computed (LAPACK's subset driver) when they are few, and kept: a later
+        call for as many or fewer takes the first columns. While there are no more samples
+        than features, they come from the Gram matrix, and only those of non-zero eigenvalues
+        exist: then fewer than ``k`` columns may come back.
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise DataError(f"k must be a positive number of eigenvectors, got {k!r}")
+        key = (self.count, centered)
+        if self._vectors_memo is None or self._vectors_memo[0] != key or self._vectors_memo[1] < k:
+            self._vectors_memo = key, int(k), self._leading(int(k), centered)
+        return self._vectors_memo[2][:, :k].copy()
+
+    def _leading(self, k: int, centered: bool) -> np.ndarray:
         if self._rows is None:
             _, vecs = _leading_eigh(self.covariance(centered), k)
             return vecs
@@ -207,11 +221,12 @@ class CovarianceAccumulator:
 
     def state_bytes(self) -> int:
         """Memory held: at most ``dim × block`` float64 numbers (rows or sums), the ``n × n ≤
-        block²`` Gram matrix of the rows once a spectrum was read, plus the null's."""
+        block²`` Gram matrix of the rows once a spectrum was read, the spectrum and leading
+        eigenvectors once read (at most ``dim²`` more), plus the null's."""
         held = [self._xtx] if self._xtx is not None else self._rows
-        gram = self._gram_memo[1].nbytes if self._gram_memo is not None else 0
+        memos = [memo[-1] for memo in (self._gram_memo, self._values_memo, self._vectors_memo) if memo is not None]
         null = self.null.state_bytes() if self.null is not None else 0
-        return sum(t.nbytes for t in held) + self._sum.nbytes + gram + null
+        return sum(t.nbytes for t in held) + self._sum.nbytes + sum(m.nbytes for m in memos) + null
 
     def select_rank(self, rule: str = "mp-robust", *, centered: bool = True, **options: Any):
         """:func:`fxcompress.spectral.select_rank` on this covariance (and its null, if kept)."""
