@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)  # progress, stage by stage: logging.basicConf
 
 TRANSFORMS = ("auto", "projection", "selection", "magnitude")
 #: the agreement level of the spectral rules by default: in the oracle-width study (benchmarks/
-#: RESULTS.md) it kept all four tasks within one point of the original after KD, at 1.0–3.5× the
+#: RESULTS.md) it kept all five tasks within one point of the original after KD, at 1.0–3.8× the
 #: smallest model that did, where the rules' own widths were 0.2–18.5× off
 DEFAULT_AGREEMENT = 0.8
 BUDGETS = ("fixed", "keep-all")  # rules whose widths the user sets: no level unless asked
