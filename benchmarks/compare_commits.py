@@ -104,7 +104,7 @@ def _trained(path: Path) -> str:
     epoch on 6,000 CIFAR-10 images as the oracle study trains it, saved with its calibration
     batches (10 % of the training rows, unlabelled)."""
     sys.path.insert(0, str(HERE))
-    import oracle_width  # noqa: E402  (the study's model and data)
+    import oracle_width  # the study's model and data
     import fxcompress
     from fxcompress.rmtkd import calibration_subset
 
