@@ -20,8 +20,9 @@ CIFAR-10 tasks test on all 10,000 images of ``data_batch_5`` and validate on 1,0
 the training batches. The GLUE tasks train a small BERT from scratch on 10,000 rows: SST-2
 tests on its dev set (872 sentences: the only labelled split left after training), QNLI on its
 dev set (5,463 pairs), QQP on the 20 % of GLUE dev (8,086 pairs) that its training rows were not
-drawn from. Results go to ``<out>/oracle-<profile>.json``, ``<out>/ORACLE.md`` and a plot per task; ``--markdown benchmarks/RESULTS.md`` also writes the tables into that file between
-its ``oracle-width`` markers (the rest of it is kept).
+drawn from. Results go to ``<out>/oracle-<profile>.json``, ``<out>/ORACLE.md`` and a plot per
+task; ``--markdown benchmarks/RESULTS.md`` also writes the tables into that file between its
+``oracle-width`` markers (the rest of it is kept).
 
     python benchmarks/oracle_width.py --profile quick              # CIFAR-10 CNN and ResNet-20, 3 seeds
     python benchmarks/oracle_width.py --profile quick --tasks sst2,qqp,qnli  # the BERT-style GLUE tasks
@@ -424,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     supplement = bool(args.levels_only or args.ratios)
     for task in tasks:
         # a supplement runs the candidates asked for alone (the full task stays in the JSON)
-        part = dataclasses.replace(task, ratios=args.ratios or (), rules=(), level_rules=task.level_rules
-                                   if args.levels_only else ()) if supplement else task
+        part = task if not supplement else dataclasses.replace(
+            task, ratios=args.ratios or (), rules=(), level_rules=task.level_rules if args.levels_only else ())
         seeds = [run_seed(part, seed, args.data_dir, tune=not args.fidelity_only) for seed in range(args.seeds)]
         entry = {"task": dataclasses.asdict(task), "widths": {n: s[n].get("widths") for s in seeds[:1] for n in s}}
         if args.fidelity_only:

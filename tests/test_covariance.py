@@ -229,6 +229,7 @@ def test_spectra_read_between_batches_follow_the_samples():
     assert np.allclose(acc.eigenvalues(), fresh.eigenvalues(), atol=1e-12)
     assert np.allclose(acc.eigenvalues(centered=False), fresh.eigenvalues(centered=False), atol=1e-12)
     assert np.allclose(np.abs(np.sum(acc.leading_eigenvectors(3) * fresh.leading_eigenvectors(3), axis=0)), 1.0)
+    # the vectors read before the new samples differ from them: the line above would catch a stale one
     assert not np.allclose(np.abs(np.sum(first_vectors[:, :3] * fresh.leading_eigenvectors(3), axis=0)), 1.0)
 
 
