@@ -23,7 +23,7 @@ Every error raised on purpose derives from :class:`FxCompressError`.
 from fxcompress import calibrate
 from fxcompress.analysis import Plan, WidthGroup, analyze, analyze_graph
 from fxcompress.capture import capture
-from fxcompress.compress import CompressConfig, CompressResult, compress, rebuild
+from fxcompress.compress import CompressConfig, CompressionWarning, CompressResult, compress, rebuild
 from fxcompress.distill import DistillConfig, DistillResult, accuracy, distill, kd_loss
 from fxcompress.errors import (CaptureError, ConfigError, DataError, DatasetError, ExportError, FxCompressError,
                                SurgeryError, TrainingError)
@@ -36,7 +36,7 @@ from fxcompress.spectral import CovarianceAccumulator, RankSelection, select_ran
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "CompressConfig", "CompressResult", "ConfigError", "CovarianceAccumulator", "DataError",
+    "CaptureError", "CompressConfig", "CompressionWarning", "CompressResult", "ConfigError", "CovarianceAccumulator", "DataError",
     "DatasetError", "DistillConfig", "DistillResult", "ExportError", "ExportReport", "FxCompressError", "Plan",
     "Projection", "RMTKDConfig", "RMTKDResult", "RankSelection", "RewriteError", "Round", "SurgeryError", "TrainingError",
     "WidthGroup", "accuracy", "analyze", "analyze_graph", "calibrate", "capture", "compress", "distill",

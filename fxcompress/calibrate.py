@@ -11,7 +11,7 @@ times less work and memory than the whole, and is split into one accumulator per
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,15 +63,23 @@ def probe_module(gm: GraphModule, probes: Sequence[str]) -> GraphModule:
 
 
 def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any],
-              correlated_samples: bool = True) -> dict[str, Accumulators]:
+              correlated_samples: bool = True,
+              reads: Mapping[str, Sequence[tuple[str, int]]] | None = None) -> dict[str, Accumulators]:
     """Stream ``data`` through ``gm``; return each group's covariance accumulators, one per block.
+
+    A group named in ``reads`` is measured at each of those activations ``(node, axis)``
+    instead of its probe, pooled into one accumulator (every position at every read a sample):
+    a residual stream that each layer reads through its own normalisation.
 
     Under ``torch.distributed`` every rank passes the same ``data``: rank ``r`` of ``W``
     runs batches ``r, r + W, …``, and the accumulators are then merged across ranks, so
     every rank holds the same covariances (and picks the same widths) as one process would.
     """
     rank, world = distributed_rank()
-    probes = list(dict.fromkeys([g.probe for g in groups] + [g.routing for g in groups if g.routing]))
+    reads = reads or {}
+    points = {g.name: reads.get(g.name) or [(g.probe, g.probe_axis)] for g in groups}
+    probes = list(dict.fromkeys([node for g in groups for node, _ in points[g.name]]
+                                + [g.routing for g in groups if g.routing]))
     pm = probe_module(gm, probes)
     accs: dict[str, CovarianceAccumulator] = {}
     first, batches = None, 0
@@ -91,8 +99,9 @@ def calibrate(gm: GraphModule, groups: Sequence[WidthGroup], data: Iterable[Any]
             for group in groups:
                 if group.routing:
                     _feed_experts(accs, group, values[group.probe], values[group.routing])
-                else:
-                    _feed(accs, group, values[group.probe], kwargs.get("attention_mask"), correlated_samples, index)
+                    continue
+                for node, axis in points[group.name]:
+                    _feed(accs, group, values[node], axis, kwargs.get("attention_mask"), correlated_samples, index)
     if not batches:
         raise DataError(EMPTY)
     if world > 1:
@@ -138,12 +147,15 @@ def _merge_ranks(accs: dict[str, CovarianceAccumulator]) -> dict[str, Covariance
     return merged
 
 
-def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, mask: Any, correlated: bool, index: int) -> None:
-    x = torch.movedim(value.detach(), group.probe_axis, -1)
-    sequences = correlated and x.ndim >= 3
-    if sequences:
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+def _feed(accs: dict, group: WidthGroup, value: torch.Tensor, axis: int, mask: Any, correlated: bool,
+          index: int) -> None:
+    x = torch.movedim(value.detach(), axis, -1)
     acc = accs.get(group.name)
+    sequences = correlated and x.ndim >= 3 if acc is None else acc.null is not None
+    if sequences:  # a pooled read without a sequence axis (a head's last position) is one sequence
+        if x.ndim < 3:
+            x, mask = x.reshape(1, -1, x.shape[-1]), None
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
     if acc is None:
         acc = accs[group.name] = CovarianceAccumulator(group.size, blocks=group.blocks, shift_null=sequences)
     acc.update(x, _kept(mask, x), null_seed=index)  # without the null, (..., d) batches are flattened to samples by update()

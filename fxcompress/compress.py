@@ -17,6 +17,7 @@ import operator
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +33,7 @@ from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate, calibrate_points
 from fxcompress.capture import capture, copy_module, keep_outputs, own_weights, state_kept
 from fxcompress.errors import ConfigError, DataError
-from fxcompress.rewrite import Projection, fold_batch_norms, plain, rewrite
+from fxcompress.rewrite import Projection, fold_batch_norms, fold_norm_weights, plain, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
 from fxcompress.spectral.mp import TRACY_WIDOM_QUANTILES
 from fxcompress.spectral.rules import MP_RULES
@@ -78,7 +79,12 @@ class CompressConfig:
     and this target their level: every group's width is scaled by the one factor that leaves
     the smallest model whose top-1 output (the first output's argmax over its last axis) still
     matches the original's on this fraction of the calibration positions, before any
-    fine-tuning (:func:`_level`; ``result.level`` says the factor and the agreement reached).
+    fine-tuning (:func:`_level`; ``result.level`` says the factor and the agreement reached);
+    for a language model the fraction is the original's perplexity over the narrowed one's
+    (:class:`Fidelity`). Where no narrowing reaches it, every group stays whole and a
+    :class:`CompressionWarning` says so. ``fold_norms``: fold each normalisation's scale into
+    the linear layers that read it (:func:`fxcompress.rewrite.fold_norm_weights`; exact), so a
+    pre-norm transformer's residual stream rotates exactly.
     Its default, ``"auto"`` (:attr:`target_agreement`), is :data:`DEFAULT_AGREEMENT` for the
     spectral rules and None for the budgets (``fixed``, ``keep-all``), whose widths are the
     user's; in :func:`fxcompress.rmtkd` it is None: each round takes the rule's own widths and
@@ -99,6 +105,7 @@ class CompressConfig:
     correlated_samples: bool = True
     fold_mean: bool = True
     fold_batchnorm: bool = False
+    fold_norms: bool = True
     outputs: str | tuple[str, ...] = "all"
     uniform: bool = False
     reconstruct: bool = True
@@ -248,8 +255,8 @@ class CompressResult:
                 ("exact at k = d" if r.exact else "approximate") + ")"
             lines.append(f"  {r.name:40s} {status}")
         if self.level is not None:
-            lines.append(f"  level: the rule's widths × {self.level[0]:.3f}, top-1 agreement with the original on the "
-                         f"calibration data {self.level[1]:.1%}")
+            lines.append(f"  level: the rule's widths × {self.level[0]:.3f}, fidelity to the original on the "
+                         f"calibration data {self.level[1]:.1%} (top-1 agreement; a language model's perplexity ratio)")
         if self.output_change is not None:
             lines.append(f"  output change on the first calibration batch: {self.output_change:.1%} of the largest output "
                          "(\"exact at k = d\": the transform loses nothing before narrowing; narrowing does)")
@@ -275,12 +282,15 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
         keep_outputs(gm, config.outputs)
     if config.fold_batchnorm:
         gm = fold_batch_norms(gm)
+    if config.fold_norms:
+        gm = fold_norm_weights(gm)
     log.info("captured %s: %d nodes (%.1f s)", type(model).__name__, len(gm.graph.nodes), time.perf_counter() - start)
     plan = analyze_graph(gm)
     targets = _targets(plan, config)
     log.info("%d width groups, %d to calibrate on %d batches (%.1f s)", len(plan.groups), len(targets), len(batches),
              time.perf_counter() - start)
-    accs = calibrate(gm, targets, batches, config.correlated_samples) if targets else {}
+    reads = {g.name: points for g in targets if (points := _pooled_reads(gm, g))}
+    accs = calibrate(gm, targets, batches, config.correlated_samples, reads) if targets else {}
     log.info("calibrated (%.1f s)", time.perf_counter() - start)
     decisions = _select(gm, targets, accs, config)
     if config.uniform:
@@ -475,7 +485,8 @@ def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumul
     options = config.rule_options(group.name)
     if "k" in options:  # a width for the whole group: each head gets its share
         options["k"] = max(options["k"] // group.blocks, 1)
-    spectra = [acc.eigenvalues() for acc in accs]
+    centered = config.fold_mean  # without a folded mean, the kept directions must hold the mean too
+    spectra = [acc.eigenvalues(centered) for acc in accs]
     null = _null(accs, config.rule)
     selections = [select_rank(values, acc.dof(), config.rule, **options, **null) for values, acc in zip(spectra, accs)]
     selection = max(selections, key=lambda sel: sel.k)
@@ -484,7 +495,7 @@ def _decide(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumul
         return None, selection, transform
     mean = torch.from_numpy(np.concatenate([acc.mean() for acc in accs])) if config.fold_mean else None
     norms = _weight_norms(gm, group).split(group.block_size) if transform == "magnitude" else [None] * len(accs)
-    parts = [_block(acc, values, k, transform, score) for acc, values, score in zip(accs, spectra, norms)]
+    parts = [_block(acc, values, k, transform, score, centered) for acc, values, score in zip(accs, spectra, norms)]
     return Projection(parts[0] if len(parts) == 1 else torch.block_diag(*parts), mean), selection, transform
 
 
@@ -496,7 +507,8 @@ def _read_statistics(gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple]
     for the others)."""
     reads = {name: _read_points(gm, plan[name]) for name, (_, selection, transform) in decisions.items()
              if selection is not None and transform == "selection" and plan[name].blocks == 1 and not plan[name].routing}
-    probes = {name: (plan[name].probe, plan[name].probe_axis) for name in reads}
+    probes = {name: (plan[name].probe, plan[name].probe_axis) if not _pooled_reads(gm, plan[name]) else None
+              for name in reads}
     others = {point: plan[name].size for name, points in reads.items() for point in points if point != probes[name]}
     measured = calibrate_points(gm, others, batches) if others else {}
     return {name: {point[0]: accs[name][0] if point == probes[name] else measured[point] for point in points}
@@ -521,14 +533,17 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
            decisions: Mapping[str, tuple], batches: list[Any], config: CompressConfig,
            target: float) -> tuple[dict[str, tuple], tuple]:
     """The rule's widths times one factor: the smallest whose narrowed model (read-backs
-    included, before any fine-tuning) gives the original's top-1 output on at least
-    ``target`` of the calibration positions. A bisection in the factor's logarithm;
-    every trial is a rewrite and a pass over the calibration data. Returns the decisions and
-    ``(factor, agreement)``."""
+    included, before any fine-tuning) keeps a :class:`Fidelity` of at least ``target`` to the
+    original on the calibration data. A bisection in the factor's logarithm; every trial is a
+    rewrite and a pass over the calibration data. At the largest factor every group is whole
+    (the original, fidelity 1); where nothing narrower reaches ``target``, that is the result,
+    with a warning that says what the narrowest trial reached. Returns the decisions and
+    ``(factor, fidelity)``."""
     calls = [as_call(batch) for batch in batches]
-    reference = [_top1(_run(gm, *call), "the original") for call in calls]
+    fidelity = Fidelity.of(gm, calls)
     rule = {g.name: g.size if decisions[g.name][0] is None else decisions[g.name][0].k
             for g in targets if _scalable(decisions[g.name][1])}
+    whole = {name: (None, selection, transform) for name, (_, selection, transform) in decisions.items()}
     if not rule:
         return dict(decisions), (1.0, 1.0)
     statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
@@ -547,14 +562,13 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
             # rewrite installs new tensors and never writes into the old: a trial, only run, shares the rest
             module = rewrite(copy_module(gm, share_weights=True), plan,
                              {n: p for n, (p, _, _) in out.items() if p is not None}, inplace=True)
-            hits = [(_top1(_run(module, *call), "the narrowed model") == ref) for call, ref in zip(calls, reference)]
-            tried[key] = (float(torch.cat([h.reshape(-1) for h in hits]).float().mean()), out)
-            log.info("widths × %.3f: agreement %.3f", factor, tried[key][0])
+            tried[key] = (fidelity.measure(module, calls), out)
+            log.info("widths × %.3f: %s %.3f", factor, fidelity.name, tried[key][0])
         return tried[key]
 
     low = min(1 / k for k in rule.values())
     high = max(plan[name].size / k for name, k in rule.items())
-    best = high
+    best = None
     if trial(low)[0] >= target:
         best = low
     else:
@@ -564,8 +578,75 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
                 high = best = middle
             else:
                 low = middle
+    if best is None:  # nothing narrower kept the target: the original, and say so
+        reached = max(value for value, _ in tried.values())
+        warnings.warn(f"compress: no narrowing of this model keeps {fidelity.name} ≥ {target:g} on the calibration "
+                      f"data (the widest trial below the original reached {reached:.3f}); every group is kept whole. "
+                      f"Lower CompressConfig(agreement=…), fine-tune with fxcompress.rmtkd, or set widths with "
+                      f"rule='fixed'", CompressionWarning, stacklevel=3)
+        return whole, (max(high, 1.0), 1.0)
     agreement, out = trial(best)
     return out, (best, agreement)
+
+
+class CompressionWarning(UserWarning):
+    """``compress`` kept the model (or part of it) whole because narrowing it lost too much."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+    """How close a narrowed model stays to the original on the calibration data, in (0, 1].
+
+    ``top-1``: the fraction of positions whose top-1 output (the first output's argmax over
+    its last axis: logits) is the original's. ``perplexity``, for a language model (logits
+    ``(batch, positions, vocabulary)`` over integer ``input_ids`` of ``(batch, positions)``):
+    the original's perplexity over the narrowed model's, on the next tokens of the
+    calibration text, so 0.8 allows 1.25× the original perplexity. Top-1 over a vocabulary of
+    tens of thousands counts a near-tie as a miss and a confident error as a hit; the
+    perplexity ratio is what a language model is judged by."""
+
+    name: str
+    reference: tuple
+
+    @staticmethod
+    def of(gm: GraphModule, calls: list[tuple[tuple, dict]]) -> "Fidelity":
+        outputs = [_run(gm, *call) for call in calls]
+        if all(_tokens(call, out) is not None for call, out in zip(calls, outputs)):
+            losses = [_next_token_loss(out[0], _tokens(call, out)) for call, out in zip(calls, outputs)]
+            return Fidelity("perplexity", (torch.stack(losses).sum(dim=0),))
+        return Fidelity("top-1 agreement", tuple(_top1(out, "the original") for out in outputs))
+
+    def measure(self, module: GraphModule, calls: list[tuple[tuple, dict]]) -> float:
+        if self.name == "perplexity":
+            total = torch.stack([_next_token_loss(out[0], _tokens(call, out)) for call in calls
+                                 for out in [_run(module, *call)]]).sum(dim=0)
+            original, narrowed = self.reference[0][0] / self.reference[0][1], total[0] / total[1]
+            value = float(torch.exp(original - narrowed)) if torch.isfinite(narrowed) else 0.0
+            return min(value, 1.0)
+        hits = [_top1(_run(module, *call), "the narrowed model") == ref for call, ref in zip(calls, self.reference)]
+        return float(torch.cat([h.reshape(-1) for h in hits]).float().mean())
+
+
+def _tokens(call: tuple[tuple, dict], outputs: list[torch.Tensor]) -> tuple[torch.Tensor, Any] | None:
+    """``(input_ids, attention_mask)`` where the call is a language model's: integer ids
+    ``(batch, positions)`` (the ``input_ids`` keyword, else the only positional input) and a
+    first output of logits ``(batch, positions, vocabulary)``; else None."""
+    args, kwargs = call
+    ids = kwargs.get("input_ids", args[0] if len(args) == 1 else None)
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.ndim != 2 \
+            or not outputs or outputs[0].ndim != 3 or tuple(outputs[0].shape[:2]) != tuple(ids.shape) \
+            or ids.shape[1] < 2 or int(ids.max()) >= outputs[0].shape[-1]:
+        return None
+    return ids, kwargs.get("attention_mask")
+
+
+def _next_token_loss(logits: torch.Tensor, tokens: tuple[torch.Tensor, Any]) -> torch.Tensor:
+    """``(summed cross-entropy of each next token, count)`` over the positions the mask keeps."""
+    ids, mask = tokens
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+    keep = torch.ones_like(loss, dtype=torch.bool) if not isinstance(mask, torch.Tensor) else \
+        (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    return torch.stack([loss[keep].sum(), keep.sum().double()])
 
 
 def _scalable(selection: RankSelection | None) -> bool:
@@ -594,6 +675,17 @@ def _top1(outputs: list[torch.Tensor], what: str) -> torch.Tensor:
                           "choose the outputs with CompressConfig(outputs=...), or pass agreement=None for the "
                           "rule's own widths")
     return outputs[0].argmax(dim=-1)
+
+
+def _pooled_reads(gm: GraphModule, group: WidthGroup) -> list[tuple[str, int]] | None:
+    """Where a group's spectrum is pooled from every activation its consumers read: a group
+    with a normalisation in it (a transformer's residual stream, read by each layer through
+    its own norm), read at more than one place. Its probe alone (the first layer's input)
+    would choose directions for every later layer from the first one's statistics."""
+    if "normalizing" not in group.effects or group.blocks != 1 or group.routing:
+        return None
+    points = _read_points(gm, group)
+    return points if len(points) > 1 else None
 
 
 def _read_points(gm: GraphModule, group: WidthGroup) -> list[tuple[str, int]]:
@@ -672,12 +764,12 @@ def _null(accs: Sequence[CovarianceAccumulator], rule: str) -> dict[str, Any]:
 
 
 def _block(acc: CovarianceAccumulator, values: np.ndarray, k: int, transform: str,
-           norms: torch.Tensor | None) -> torch.Tensor:
+           norms: torch.Tensor | None, centered: bool = True) -> torch.Tensor:
     """The ``k × d`` projection of one block, as ``transform`` builds it."""
     d = acc.dim
     if transform == "magnitude":
         return Projection.select(np.sort(torch.topk(norms, k).indices.numpy()), d).matrix
-    top = _complete(acc.leading_eigenvectors(k), k)
+    top = _complete(acc.leading_eigenvectors(k, centered), k)
     if transform == "selection":
         weighted = top * np.sqrt(np.clip(values[:k], 0, None))
         _, pivots = scipy.linalg.qr(weighted.T, pivoting=True, mode="r")

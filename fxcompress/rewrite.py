@@ -167,6 +167,101 @@ def _fold_into(gm: GraphModule, layer: Node, bn: nn.Module) -> None:
         _add_bias(gm, layer, weight_name, folded)
 
 
+def fold_norm_weights(gm: GraphModule) -> GraphModule:
+    """A copy of captured ``gm`` in which every normalisation's per-channel scale that only
+    linear layers read is folded into them: ``W ← W·diag(w)``, the scale ``w ← 1``.
+
+    The copy computes the same function. A weightless RMSNorm commutes with rotations, so the
+    residual stream of a pre-norm transformer (Llama, Mistral, Qwen…) can then be rotated onto
+    its principal directions where a per-channel scale allowed only a channel selection (the
+    scale of a rotated channel, ``(P∘P)·w``, is an average that no longer matches). Scales
+    whose readers are not all unshared linear weights (a tied language-model head) stay."""
+    out = copy_module_structure(gm)
+    aliases = _alias_counts(out)
+    for node in list(out.graph.nodes):
+        scale = _norm_scale(node)
+        if scale is None or not _fold_targets_ok(node, scale, aliases):
+            continue
+        w = _get(out, scale.target).detach().to(torch.float64)
+        for user in _readers(node):
+            name = user.args[1].target
+            weight = _get(out, name)
+            _set(out, name, (weight.detach().to(torch.float64) * w).to(weight.dtype))
+        _set(out, scale.target, torch.ones_like(_get(out, scale.target)))
+    out.recompile()
+    return out
+
+
+def copy_module_structure(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm``'s modules and graph sharing its tensors: a pass that installs new tensors
+    (never writes into the old) leaves ``gm`` as it was."""
+    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    return copy.deepcopy(gm, tensors)
+
+
+def _norm_scale(node: Node) -> Node | None:
+    """The per-channel scale of a normalisation's output: ``w * h`` written out (RMSNorm in
+    transformers), or the weight of a fused ``rms_norm`` / ``layer_norm`` over the last axis."""
+    if node.op != "call_function":
+        return None
+    if node.target in NORMS:
+        weight = arg(node, "weight")
+        return weight if isinstance(weight, Node) and len(node.args[1]) == 1 else None
+    if node.target != aten.mul.Tensor or len(node.args) != 2:
+        return None
+    for scale, other in (node.args, node.args[::-1]):
+        if isinstance(scale, Node) and scale.op == "get_attr" and isinstance(other, Node) and _after_norm(other):
+            shape = getattr(scale.meta.get("val"), "shape", None)
+            out = getattr(node.meta.get("val"), "shape", None)
+            if shape is not None and out is not None and len(shape) == 1 and len(out) and shape[0] == out[-1]:
+                return scale
+    return None
+
+
+def _after_norm(node: Node) -> bool:
+    """Whether ``node`` is ``x · rsqrt(…)`` (a dtype cast allowed after it): RMSNorm written out."""
+    while node.op == "call_function" and node.target in (aten.to.dtype, aten._to_copy.default) and node.args:
+        node = node.args[0]
+    return node.op == "call_function" and node.target == aten.mul.Tensor and any(
+        isinstance(a, Node) and a.target == aten.rsqrt.default for a in node.args)
+
+
+def _fold_targets_ok(node: Node, scale: Node, aliases: Mapping[str, int]) -> bool:
+    """Every reader of ``node`` is a linear layer that reads it as its input, with a weight of
+    its own; the scale is read here only."""
+    if len(scale.users) != 1 or aliases.get(scale.target, 1) != 1:
+        return False
+    readers = _readers(node)
+    for user in readers or [None]:
+        weight = user.args[1] if user is not None and user.target == aten.linear.default and len(user.args) > 1 else None
+        if not isinstance(weight, Node) or weight.op != "get_attr" or len(weight.users) != 1 \
+                or aliases.get(weight.target, 1) != 1:
+            return False
+    return True
+
+
+def _readers(node: Node) -> list[Node]:
+    """The nodes that read ``node``'s channels, through slices and selections of other axes (a
+    language model's head reads the last positions only); a slice of the channels is a reader."""
+    out = []
+    for user in node.users:
+        ndim = getattr(node.meta.get("val"), "ndim", 0)
+        if user.target in (aten.slice.Tensor, aten.select.int) and user.args[0] is node \
+                and arg(user, "dim", 0) % max(ndim, 1) != ndim - 1:
+            out.extend(_readers(user))
+        else:
+            out.append(user)
+    return out
+
+
+def _alias_counts(gm: GraphModule) -> dict[str, int]:
+    """How many names each tensor of ``gm`` has (a tied weight has two), by name."""
+    names: dict[int, list[str]] = {}
+    for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(name)
+    return {name: len(group) for group in names.values() for name in group}
+
+
 class _Slices:
     """Where a group's slice of a concatenation's consumer lies now that earlier groups in the
     same axis may have narrowed theirs."""
@@ -363,10 +458,27 @@ def _selection_index(p: torch.Tensor) -> torch.Tensor | None:
 
 def _narrow_channel(gm: GraphModule, use: Use, p: torch.Tensor, start: int) -> None:
     target = _resolve(gm, use.param)
+    node = next((n for n in gm.graph.nodes if n.name == use.node), None)
     if isinstance(target, nn.modules.batchnorm._BatchNorm):
         _narrow_batch_norm(target, p, start, use.length)
+    elif _selection_index(p) is None and use.length is None and node is not None and node.target == aten.mul.Tensor \
+            and _norm_scale(node) is not None and bool((target != target.reshape(-1)[0]).any()):
+        _scale_as_matrix(gm, node, use.param, p)
     else:
         _set(gm, use.param, _along(target, p * p, use.axis, start, use.length))
+
+
+def _scale_as_matrix(gm: GraphModule, node: Node, name: str, p: torch.Tensor) -> None:
+    """A normalisation's per-channel scale ``w`` on a rotated group (one that could not be folded
+    into its readers: a tied head): ``h·w`` becomes ``h·(P diag(w) Pᵀ)``, a ``k × k`` product,
+    exact at ``k = d`` where the diagonal ``(P∘P)·w`` is not. (A constant scale, as folding
+    leaves it, keeps its diagonal: ``P diag(c) Pᵀ = c·I``.)"""
+    w = _get(gm, name).detach()
+    matrix = (p * w.to(p.dtype)) @ p.T
+    _set(gm, name, matrix.to(w.dtype).contiguous())
+    scale = next(a for a in node.args if isinstance(a, Node) and a.op == "get_attr" and a.target == name)
+    h = next(a for a in node.args if a is not scale)
+    node.target, node.args, node.kwargs = aten.linear.default, (h, scale), {}
 
 
 def _narrow_batch_norm(bn: nn.modules.batchnorm._BatchNorm, p: torch.Tensor, start: int, length: int | None) -> None:
@@ -477,6 +589,8 @@ def _rewrite_constants(gm: GraphModule, group: WidthGroup, k: int) -> None:
             _resize_constant(nodes[name], axis, lambda size: size - width + width * k // group.size)
     _resize_splits(nodes, group, k)
     activations = set(group.activations)
+    if group.blocks == 1 and k < group.size:
+        _keep_mean_widths(gm, nodes, activations, group.size, k)
     for node in nodes.values():
         if node.target == aten.scaled_dot_product_attention.default:
             query = node.args[0]
@@ -554,6 +668,34 @@ def _resize_slice(node: Node, index: int, resize: Callable[[int], int]) -> None:
     sizes[index] = resize(sizes[index])
     _set_arg(node, "start", sizes[0])
     _set_arg(node, "end", sizes[0] + sizes[1])
+
+
+MEANS = {aten.mean.dim}
+
+
+def _keep_mean_widths(gm: GraphModule, nodes: Mapping[str, Node], activations: set, d: int, k: int) -> None:
+    """A mean over the narrowed channels keeps dividing by the original width ``d``: the
+    kept directions carry (nearly) all of the energy, so ``sum/d`` is what the layer saw
+    before, where ``sum/k`` would inflate it by ``d/k`` (RMSNorm's ``mean(x²)``: SliceGPT
+    keeps the original width there too). A fused ``rms_norm`` gets the same through its
+    ``eps`` and a factor on its output."""
+    for node in list(nodes.values()):
+        if node.op != "call_function" or not isinstance(node.args[0], Node):
+            continue
+        x = node.args[0]
+        ndim = getattr(x.meta.get("val"), "ndim", None)
+        if node.target in MEANS and ndim and any((x.name, a % ndim) in activations for a in node.args[1]):
+            _scale_output(gm, node, k / d)
+        elif hasattr(aten, "rms_norm") and node.target == aten.rms_norm.default and ndim and (node.name, ndim - 1) in activations:
+            eps = arg(node, "eps") or torch.finfo(x.meta["val"].dtype).eps
+            _set_arg(node, "eps", eps * d / k)
+            _scale_output(gm, node, (d / k) ** 0.5)
+
+
+def _scale_output(gm: GraphModule, node: Node, factor: float) -> None:
+    with gm.graph.inserting_after(node):
+        scaled = gm.graph.call_function(aten.mul.Tensor, (node, factor))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
 
 
 def _keep_attention_scale(node: Node) -> None:
