@@ -76,7 +76,7 @@ class SlicedLlama(nn.Module):
         self.rotary = inner.rotary_emb
         embed = inner.embed_tokens.weight.detach().double()
         x = [embed[ids] for ids in calibration.split(4)]
-        basis = pca(x)
+        basis = first = pca(x)
         self.embed = nn.Parameter((embed @ basis[:, :k]).float())
         x = [(s @ basis[:, :k]).float() for s in x]
         cos_sin = [self._rotary(ids) for ids in calibration.split(4)]
@@ -101,9 +101,8 @@ class SlicedLlama(nn.Module):
                 basis = following
         # the head reads the last basis; the tied table holds the first: one k × k matrix between,
         # with the final norm's scale
-        first = pca([embed[ids] for ids in calibration.split(4)])[:, :k]
         final = inner.norm.weight.detach().double()
-        self.head = nn.Parameter(((basis[:, :k].T * final) @ first).float())
+        self.head = nn.Parameter(((basis[:, :k].T * final) @ first[:, :k]).float())
         self.eps, self.width = config.rms_norm_eps, config.hidden_size
 
     def _rotary(self, ids: torch.Tensor):

@@ -543,7 +543,6 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
     fidelity = Fidelity.of(gm, calls)
     rule = {g.name: g.size if decisions[g.name][0] is None else decisions[g.name][0].k
             for g in targets if _scalable(decisions[g.name][1])}
-    whole = {name: (None, selection, transform) for name, (_, selection, transform) in decisions.items()}
     if not rule:
         return dict(decisions), (1.0, 1.0)
     statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
@@ -584,7 +583,8 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
                       f"data (the widest trial below the original reached {reached:.3f}); every group is kept whole. "
                       f"Lower CompressConfig(agreement=…), fine-tune with fxcompress.rmtkd, or set widths with "
                       f"rule='fixed'", CompressionWarning, stacklevel=3)
-        return whole, (max(high, 1.0), 1.0)
+        return {name: (None, selection, transform) for name, (_, selection, transform) in decisions.items()}, \
+            (max(high, 1.0), 1.0)
     agreement, out = trial(best)
     return out, (best, agreement)
 

@@ -32,6 +32,7 @@ from torch.fx import GraphModule, Node
 
 from fxcompress.analysis.ops import GROUPED_MM, arg
 from fxcompress.analysis.plan import Plan, Use, WidthGroup
+from fxcompress.capture import copy_module
 from fxcompress.errors import FxCompressError
 
 aten = torch.ops.aten
@@ -176,7 +177,7 @@ def fold_norm_weights(gm: GraphModule) -> GraphModule:
     its principal directions where a per-channel scale allowed only a channel selection (the
     scale of a rotated channel, ``(P∘P)·w``, is an average that no longer matches). Scales
     whose readers are not all unshared linear weights (a tied language-model head) stay."""
-    out = copy_module_structure(gm)
+    out = copy_module(gm, share_weights=True)  # new tensors are installed, none written into
     aliases = _alias_counts(out)
     for node in list(out.graph.nodes):
         scale = _norm_scale(node)
@@ -192,21 +193,14 @@ def fold_norm_weights(gm: GraphModule) -> GraphModule:
     return out
 
 
-def copy_module_structure(gm: GraphModule) -> GraphModule:
-    """A copy of ``gm``'s modules and graph sharing its tensors: a pass that installs new tensors
-    (never writes into the old) leaves ``gm`` as it was."""
-    tensors = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-    return copy.deepcopy(gm, tensors)
-
-
 def _norm_scale(node: Node) -> Node | None:
     """The per-channel scale of a normalisation's output: ``w * h`` written out (RMSNorm in
     transformers), or the weight of a fused ``rms_norm`` / ``layer_norm`` over the last axis."""
     if node.op != "call_function":
         return None
     if node.target in NORMS:
-        weight = arg(node, "weight")
-        return weight if isinstance(weight, Node) and len(node.args[1]) == 1 else None
+        weight = arg(node, "weight")  # with a shift β, W(w⊙n + β) is not (W·diag w)(n + β): left as it is
+        return weight if isinstance(weight, Node) and len(node.args[1]) == 1 and arg(node, "bias") is None else None
     if node.target != aten.mul.Tensor or len(node.args) != 2:
         return None
     for scale, other in (node.args, node.args[::-1]):
@@ -244,8 +238,8 @@ def _readers(node: Node) -> list[Node]:
     """The nodes that read ``node``'s channels, through slices and selections of other axes (a
     language model's head reads the last positions only); a slice of the channels is a reader."""
     out = []
+    ndim = getattr(node.meta.get("val"), "ndim", 0)
     for user in node.users:
-        ndim = getattr(node.meta.get("val"), "ndim", 0)
         if user.target in (aten.slice.Tensor, aten.select.int) and user.args[0] is node \
                 and arg(user, "dim", 0) % max(ndim, 1) != ndim - 1:
             out.extend(_readers(user))
@@ -671,6 +665,7 @@ def _resize_slice(node: Node, index: int, resize: Callable[[int], int]) -> None:
 
 
 MEANS = {aten.mean.dim}
+KEPT_WIDTH = "fxcompress.kept_width"  # on a mean (or rms_norm) node: (original width d, channels now k)
 
 
 def _keep_mean_widths(gm: GraphModule, nodes: Mapping[str, Node], activations: set, d: int, k: int) -> None:
@@ -680,7 +675,7 @@ def _keep_mean_widths(gm: GraphModule, nodes: Mapping[str, Node], activations: s
     keeps the original width there too). A fused ``rms_norm`` gets the same through its
     ``eps`` and a factor on its output."""
     for node in list(nodes.values()):
-        if node.op != "call_function" or not isinstance(node.args[0], Node):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], Node):
             continue
         x = node.args[0]
         ndim = getattr(x.meta.get("val"), "ndim", None)
@@ -690,6 +685,9 @@ def _keep_mean_widths(gm: GraphModule, nodes: Mapping[str, Node], activations: s
             eps = arg(node, "eps") or torch.finfo(x.meta["val"].dtype).eps
             _set_arg(node, "eps", eps * d / k)
             _scale_output(gm, node, (d / k) ** 0.5)
+        else:
+            continue
+        node.meta[KEPT_WIDTH] = (node.meta.get(KEPT_WIDTH, (d, d))[0], k)  # what to_module gives the module
 
 
 def _scale_output(gm: GraphModule, node: Node, factor: float) -> None:

@@ -35,6 +35,7 @@ from torch.fx import GraphModule
 from fxcompress.atomic import staged_dir
 from fxcompress.capture import state_kept
 from fxcompress.errors import SurgeryError
+from fxcompress.rewrite import KEPT_WIDTH
 
 TOLERANCE = 1e-5  # largest output change, relative to the largest output, between the copy and the graph
 
@@ -54,6 +55,7 @@ def narrowed_copy(model: nn.Module, compressed: GraphModule, example: tuple[tupl
         if rule is not None:
             rule(module)
     _sync_attention(new, before)
+    _keep_mean_widths(new, compressed)
     _check(model, new, compressed, example, tolerance, before)
     return new
 
@@ -95,6 +97,8 @@ def narrowed_config(model: nn.Module, narrowed: nn.Module) -> Any:
             if a != b:
                 seen.setdefault(a, set()).add(b)
     values = model.config.to_dict()
+    floats = _changed_floats(model, narrowed)  # a norm's eps, where the graph keeps its mean's width
+    floats = {attr: next(iter(floats[v])) for attr, v in values.items() if type(v) is float and len(floats.get(v, ())) == 1}
     options = {attr: [value, *sorted(seen[value])] for attr, value in values.items() if type(value) is int and value in seen}
     for attr, value in values.items():  # a width the config leaves to a default (GPT-2's n_inner: 4 · n_embd)
         if value is None and WIDTH_NAME.search(attr):
@@ -107,7 +111,7 @@ def narrowed_config(model: nn.Module, narrowed: nn.Module) -> Any:
     for combo in combos:
         config = copy.deepcopy(model.config)
         try:
-            for attr, value in zip(options, combo):
+            for attr, value in [*floats.items(), *zip(options, combo)]:
                 setattr(config, attr, value)
             with torch.device("meta"):
                 fresh = type(narrowed)(config)
@@ -123,6 +127,17 @@ def narrowed_config(model: nn.Module, narrowed: nn.Module) -> Any:
                        "a family whose config has one width per kind qualifies when every layer of a kind narrows "
                        "alike (CompressConfig(uniform=True)) and no bias was added where the config has none "
                        "(CompressConfig(fold_mean=False)); result.save(dir) saves any model")
+
+
+def _changed_floats(model: nn.Module, narrowed: nn.Module) -> dict[float, set[float]]:
+    """Each norm ``eps`` of ``model`` that changed in ``narrowed``: old value → new values."""
+    out: dict[float, set[float]] = {}
+    for name, module in narrowed.named_modules():
+        old = model.get_submodule(name)
+        for attr in EPS:
+            if type(getattr(module, attr, None)) is float and getattr(old, attr) != getattr(module, attr):
+                out.setdefault(getattr(old, attr), set()).add(getattr(module, attr))
+    return out
 
 
 # -- tensors ------------------------------------------------------------------------------------
@@ -275,6 +290,33 @@ def _head_width(module: nn.Module, child: str, key: str, head: int, packed: bool
     parts = 3 if packed else 1
     heads = before[key][axis] // (parts * head)
     return proj.weight.shape[axis] // (parts * heads) if heads else None
+
+
+EPS = ("variance_epsilon", "eps")  # a normalisation's epsilon: transformers' RMSNorms, torch's
+
+
+def _keep_mean_widths(new: nn.Module, compressed: GraphModule) -> None:
+    """A normalisation whose mean the graph keeps dividing by the original width ``d`` over
+    ``k`` channels (:func:`fxcompress.rewrite._keep_mean_widths`) is, in the module's own code,
+    the same norm over ``k`` with ``eps·d/k`` and its scale times ``√(d/k)``:
+    ``x/√(Σx²/d + ε) = √(d/k)·x/√(Σx²/k + ε·d/k)``."""
+    for node in compressed.graph.nodes:
+        if KEPT_WIDTH not in node.meta:
+            continue
+        (d, k), stack = node.meta[KEPT_WIDTH], node.meta.get("nn_module_stack") or {}
+        path = next(reversed(stack.values()))[0] if stack else None
+        module = _submodule(new, path) if path is not None else None
+        attr = next((a for a in EPS if type(getattr(module, a, None)) is float), None)
+        weight = getattr(module, "weight", None)
+        if attr is None or not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+            where = f"{path} ({type(module).__name__})" if module is not None else f"node {node.name}"
+            raise SurgeryError(f"{where} takes a mean over channels that narrowed from {d} to {k}; the graph keeps "
+                               f"dividing by {d}, which only a normalisation with an eps attribute "
+                               f"({' or '.join(EPS)}) and a per-channel weight can say in its own code: use "
+                               "result.module (the GraphModule), or leave that group whole (CompressConfig(targets=...))")
+        setattr(module, attr, getattr(module, attr) * d / k)
+        with torch.no_grad():
+            weight.mul_((d / k) ** 0.5)
 
 
 # -- the check ------------------------------------------------------------------------------------
