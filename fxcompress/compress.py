@@ -18,7 +18,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +33,7 @@ from fxcompress.analysis import Plan, WidthGroup, analyze_graph
 from fxcompress.calibrate import EMPTY, as_call, calibrate, calibrate_points
 from fxcompress.capture import capture, copy_module, keep_outputs, own_weights, state_kept
 from fxcompress.errors import ConfigError, DataError
-from fxcompress.rewrite import Projection, fold_batch_norms, fold_norm_weights, plain, rewrite
+from fxcompress.rewrite import Projection, fold_batch_norms, fold_norm_weights, norm_scale, plain, rewrite
 from fxcompress.spectral import RULES, CovarianceAccumulator, RankSelection, pooled_effective_samples, select_rank
 from fxcompress.spectral.mp import TRACY_WIDOM_QUANTILES
 from fxcompress.spectral.rules import MP_RULES
@@ -84,7 +84,11 @@ class CompressConfig:
     (:class:`Fidelity`). Where no narrowing reaches it, every group stays whole and a
     :class:`CompressionWarning` says so. ``fold_norms``: fold each normalisation's scale into
     the linear layers that read it (:func:`fxcompress.rewrite.fold_norm_weights`; exact), so a
-    pre-norm transformer's residual stream rotates exactly.
+    pre-norm transformer's residual stream rotates exactly. ``params``: a size budget instead
+    of a fidelity, the fraction of the parameters outside embedding tables the result keeps
+    at most (0.75: 25 % fewer); the rule gives the widths' shape and the budget their level,
+    the largest factor that fits (:func:`_budget`), as Torch-Pruning's ratio and SliceGPT's
+    slicing are set.
     Its default, ``"auto"`` (:attr:`target_agreement`), is :data:`DEFAULT_AGREEMENT` for the
     spectral rules and None for the budgets (``fixed``, ``keep-all``), whose widths are the
     user's; in :func:`fxcompress.rmtkd` it is None: each round takes the rule's own widths and
@@ -110,6 +114,7 @@ class CompressConfig:
     uniform: bool = False
     reconstruct: bool = True
     agreement: float | Literal["auto"] | None = "auto"
+    params: float | None = None
 
     def __post_init__(self):
         for name in ("targets", "outputs"):  # a list of names reads as naturally as a tuple
@@ -119,6 +124,7 @@ class CompressConfig:
         check_range(self, "q", 0, 1, open_low=True, open_high=True)
         check_range(self, "tau", 0, 1, open_low=True)
         check_range(self, "ratio", 0, 1, open_low=True)
+        check_range(self, "params", 0, 1, open_low=True, open_high=True)
         if self.agreement != "auto":
             check_range(self, "agreement", 0, 1, open_low=True)
         check_range(self, "k", 1)
@@ -143,6 +149,10 @@ class CompressConfig:
         if self.agreement not in (None, "auto") and (self.widths is not None or self.rule == "keep-all"):
             raise ConfigError("agreement= scales the widths a rule chooses: use it with a spectral rule or a ratio, "
                               "not with widths= or keep-all")
+        if self.params is not None and (self.agreement not in (None, "auto") or self.widths is not None
+                                        or self.rule == "keep-all"):
+            raise ConfigError("params= sets how far a rule's widths are scaled: give it with a spectral rule or a "
+                              "ratio, without agreement= (a fidelity level) or widths=")
         if self.widths is not None and self.rule != "fixed":
             raise ConfigError('widths= sets each group\'s k: use it with rule="fixed"')
         if self.min_rank < 1:
@@ -153,7 +163,7 @@ class CompressConfig:
         """The agreement level :func:`compress` will reach: ``agreement``, with ``"auto"`` as
         :data:`DEFAULT_AGREEMENT` for a spectral rule and None for a budget."""
         if self.agreement == "auto":
-            return None if self.rule in BUDGETS else DEFAULT_AGREEMENT
+            return None if self.rule in BUDGETS or self.params is not None else DEFAULT_AGREEMENT
         return self.agreement
 
     def rule_options(self, group: str | None = None) -> dict[str, Any]:
@@ -201,9 +211,11 @@ class CompressResult:
     output_change: float | None = None
     source: Any = dataclasses.field(default=None, repr=False)  # the model given to compress (never mutated)
     example: tuple[tuple, dict] | None = dataclasses.field(default=None, repr=False)  # (args, kwargs) of capture
-    # with CompressConfig.agreement: (the factor the rule's widths were scaled by, the top-1
-    # agreement with the original on the calibration data that it reached)
+    # with CompressConfig.agreement: (the factor the rule's widths were scaled by, the fidelity
+    # to the original on the calibration data that it reached); with params: (the factor, the
+    # fraction of the parameters outside embeddings kept). level_by names the second.
     level: tuple[float, float] | None = None
+    level_by: str | None = None
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write a transformers model as a folder its class's stock ``from_pretrained`` loads
@@ -241,7 +253,8 @@ class CompressResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"params_before": self.params_before, "params_after": self.params_after, "seconds": self.seconds,
-                "output_change": self.output_change, "level": self.level, "step": self.step,
+                "output_change": self.output_change, "level": self.level,
+                "level_by": self.level_by, "step": self.step,
                 "groups": [dataclasses.asdict(r) for r in self.report]}
 
     def __str__(self) -> str:
@@ -255,8 +268,9 @@ class CompressResult:
                 ("exact at k = d" if r.exact else "approximate") + ")"
             lines.append(f"  {r.name:40s} {status}")
         if self.level is not None:
-            lines.append(f"  level: the rule's widths × {self.level[0]:.3f}, fidelity to the original on the "
-                         f"calibration data {self.level[1]:.1%} (top-1 agreement; a language model's perplexity ratio)")
+            what = "of the parameters outside embeddings kept" if self.level_by == "parameters" else \
+                f"fidelity to the original on the calibration data ({self.level_by})"
+            lines.append(f"  level: the rule's widths × {self.level[0]:.3f}, {self.level[1]:.1%} {what}")
         if self.output_change is not None:
             lines.append(f"  output change on the first calibration batch: {self.output_change:.1%} of the largest output "
                          "(\"exact at k = d\": the transform loses nothing before narrowing; narrowing does)")
@@ -295,15 +309,18 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
     decisions = _select(gm, targets, accs, config)
     if config.uniform:
         decisions = _uniform(gm, targets, accs, decisions, config)
-    level = None
+    level = level_by = None
     target = config.target_agreement
-    if target is not None:
+    if config.params is not None:
+        decisions, level = _budget(gm, plan, targets, accs, decisions, batches, config)
+        level_by = "parameters"
+    elif target is not None:
         if getattr(model, "training", False):
             default = " (the spectral rules' default level)" if config.agreement == "auto" else ""
             raise ConfigError(f"CompressConfig.agreement={target}{default} compares the outputs of the original and "
                               "the narrowed model, which dropout would draw anew: the model is in training mode; call "
                               "model.eval() first, or pass agreement=None for the rule's own widths")
-        decisions, level = _level(gm, plan, targets, accs, decisions, batches, config, target)
+        decisions, level, level_by = _level(gm, plan, targets, accs, decisions, batches, config, target)
     elif config.reconstruct:
         narrowed = {name: decision for name, decision in decisions.items() if decision[0] is not None}
         decisions = _lifted(decisions, _read_statistics(gm, plan, narrowed, accs, batches), config.fold_mean)
@@ -322,7 +339,8 @@ def compress(model: Any, calib_data: Iterable[Any], config: CompressConfig = Com
              time.perf_counter() - start)
     return CompressResult(module, plan, report, before, num_parameters(module),
                           time.perf_counter() - start, config.fold_mean, selections, config.fold_batchnorm,
-                          None if config.outputs == "all" else config.outputs, change, model, (args, kwargs), level)
+                          None if config.outputs == "all" else config.outputs, change, model, (args, kwargs), level,
+                          level_by)
 
 
 def _run(module: GraphModule, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -537,36 +555,16 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
     original on the calibration data. A bisection in the factor's logarithm; every trial is a
     rewrite and a pass over the calibration data. At the largest factor every group is whole
     (the original, fidelity 1); where nothing narrower reaches ``target``, that is the result,
-    with a warning that says what the narrowest trial reached. Returns the decisions and
-    ``(factor, fidelity)``."""
+    with a warning that says what the narrowest trial reached. Returns the decisions,
+    ``(factor, fidelity)`` and the fidelity's name.""" 
     calls = [as_call(batch) for batch in batches]
     fidelity = Fidelity.of(gm, calls)
-    rule = {g.name: g.size if decisions[g.name][0] is None else decisions[g.name][0].k
-            for g in targets if _scalable(decisions[g.name][1])}
+    rule = _rule_widths(targets, decisions)
     if not rule:
-        return dict(decisions), (1.0, 1.0)
-    statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
-    tried: dict[tuple, tuple[float, dict]] = {}
-
-    def trial(factor: float) -> tuple[float, dict]:
-        widths = {name: _scaled(plan[name], k, factor, config) for name, k in rule.items()}
-        key = tuple(sorted(widths.items()))
-        if key not in tried:
-            out = dict(decisions)
-            for name, k in widths.items():
-                _, selection, transform = decisions[name]
-                out[name] = (None if k >= plan[name].size else _at_width(gm, plan[name], accs[name], config, k),
-                             selection, transform)
-            out = _lifted(out, statistics, config.fold_mean)
-            # rewrite installs new tensors and never writes into the old: a trial, only run, shares the rest
-            module = rewrite(copy_module(gm, share_weights=True), plan,
-                             {n: p for n, (p, _, _) in out.items() if p is not None}, inplace=True)
-            tried[key] = (fidelity.measure(module, calls), out)
-            log.info("widths × %.3f: %s %.3f", factor, fidelity.name, tried[key][0])
-        return tried[key]
-
-    low = min(1 / k for k in rule.values())
-    high = max(plan[name].size / k for name, k in rule.items())
+        return dict(decisions), (1.0, 1.0), fidelity.name
+    trial = _Trials(gm, plan, decisions, accs, batches, config, rule,
+                    lambda module: fidelity.measure(module, calls), fidelity.name)
+    low, high = trial.bounds
     best = None
     if trial(low)[0] >= target:
         best = low
@@ -577,16 +575,88 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
                 high = best = middle
             else:
                 low = middle
-    if best is None:  # nothing narrower kept the target: the original, and say so
-        reached = max(value for value, _ in tried.values())
+    if best is None or trial.whole(best):  # nothing narrower kept the target: the original, and say so
+        reached = max([v for key, v in trial.tried.items() if any(k < plan[n].size for n, k in key)] or [0.0])
         warnings.warn(f"compress: no narrowing of this model keeps {fidelity.name} ≥ {target:g} on the calibration "
                       f"data (the widest trial below the original reached {reached:.3f}); every group is kept whole. "
                       f"Lower CompressConfig(agreement=…), fine-tune with fxcompress.rmtkd, or set widths with "
                       f"rule='fixed'", CompressionWarning, stacklevel=3)
         return {name: (None, selection, transform) for name, (_, selection, transform) in decisions.items()}, \
-            (max(high, 1.0), 1.0)
-    agreement, out = trial(best)
-    return out, (best, agreement)
+            (max(high, 1.0), 1.0), fidelity.name
+    agreement, out = trial(best, again=True)
+    return out, (best, agreement), fidelity.name
+
+
+def _budget(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Mapping[str, Sequence[CovarianceAccumulator]],
+            decisions: Mapping[str, tuple], batches: list[Any], config: CompressConfig) -> tuple[dict[str, tuple], tuple]:
+    """The rule's widths times the largest factor whose narrowed model keeps at most
+    ``config.params`` of the parameters outside embedding tables: a bisection in the factor's
+    logarithm, each trial a rewrite (no forward pass). Returns the decisions and ``(factor,
+    fraction kept)``; a budget below what the narrowest widths reach is a :class:`ConfigError`."""
+    total = outside_embeddings(gm)
+    rule = _rule_widths(targets, decisions)
+    trial = _Trials(gm, plan, decisions, accs, [], config, rule, lambda module: outside_embeddings(module) / total,
+                    "parameters")
+    low, high = trial.bounds
+    floor = trial(low)[0] if rule else 1.0
+    if floor > config.params:
+        raise ConfigError(f"CompressConfig(params={config.params:g}) is below the {floor:.3f} of the parameters "
+                          f"outside embeddings that every target group at its narrowest keeps: the rest is frozen or "
+                          f"not targeted (see the plan); raise params or target more groups")
+    for _ in range(LEVEL_STEPS):
+        middle = (low * high) ** 0.5
+        if trial(middle)[0] <= config.params:
+            low = middle
+        else:
+            high = middle
+    trial.statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
+    trial.last = (None, None)  # the read-backs change the decisions, not the count
+    kept, out = trial(low, again=True)
+    return out, (low, kept)
+
+
+def _rule_widths(targets: Sequence[WidthGroup], decisions: Mapping[str, tuple]) -> dict[str, int]:
+    """Each scalable group's width as its rule chose it (the whole group where it kept all)."""
+    return {g.name: g.size if decisions[g.name][0] is None else decisions[g.name][0].k
+            for g in targets if _scalable(decisions[g.name][1])}
+
+
+class _Trials:
+    """The rule's widths scaled by a factor, rewritten on a structural copy of the capture and
+    scored (``score(module)``); one trial per distinct set of widths, of which only the score is
+    kept (a wide model's projections take gigabytes), and the decisions of the last.
+    ``bounds``: the factors at which every group is 1 wide and every group whole."""
+
+    def __init__(self, gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple], accs: Mapping, batches: list[Any],
+                 config: CompressConfig, rule: Mapping[str, int], score: Callable[[GraphModule], float], what: str):
+        self.gm, self.plan, self.decisions, self.accs, self.config, self.rule = gm, plan, decisions, accs, config, rule
+        self.score, self.what, self.tried, self.last = score, what, {}, (None, None)
+        self.statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct and batches else {}
+        self.bounds = (min(1 / k for k in rule.values()), max(plan[name].size / k for name, k in rule.items())) \
+            if rule else (1.0, 1.0)
+
+    def widths(self, factor: float) -> dict[str, int]:
+        return {name: _scaled(self.plan[name], k, factor, self.config) for name, k in self.rule.items()}
+
+    def whole(self, factor: float) -> bool:
+        return all(k >= self.plan[name].size for name, k in self.widths(factor).items())
+
+    def __call__(self, factor: float, again: bool = False) -> tuple[float, dict]:
+        widths = self.widths(factor)
+        key = tuple(sorted(widths.items()))
+        if key not in self.tried or again and self.last[0] != key:
+            out = dict(self.decisions)
+            for name, k in widths.items():
+                _, selection, transform = self.decisions[name]
+                out[name] = (None if k >= self.plan[name].size else
+                             _at_width(self.gm, self.plan[name], self.accs[name], self.config, k), selection, transform)
+            out = _lifted(out, self.statistics, self.config.fold_mean)
+            # rewrite installs new tensors and never writes into the old: a trial, only run, shares the rest
+            module = rewrite(copy_module(self.gm, share_weights=True), self.plan,
+                             {n: p for n, (p, _, _) in out.items() if p is not None}, inplace=True)
+            self.tried[key], self.last = self.score(module), (key, out)
+            log.info("widths × %.3f: %s %.3f", factor, self.what, self.tried[key])
+        return self.tried[key], self.last[1] if self.last[0] == key else None
 
 
 class CompressionWarning(UserWarning):
@@ -684,8 +754,22 @@ def _pooled_reads(gm: GraphModule, group: WidthGroup) -> list[tuple[str, int]] |
     would choose directions for every later layer from the first one's statistics."""
     if "normalizing" not in group.effects or group.blocks != 1 or group.routing:
         return None
-    points = _read_points(gm, group)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    points = list(dict.fromkeys(_before_scale(nodes[name], axis) for name, axis in _read_points(gm, group)))
     return points if len(points) > 1 else None
+
+
+def _before_scale(node: torch.fx.Node, axis: int) -> tuple[str, int]:
+    """A read through a normalisation's own scale that stays in the graph (a tied head's, which
+    the rewrite turns into a ``k × k`` product) is measured before that scale, where the
+    rotation acts: ``w ⊙ n(x)`` leaves the span of the stream that ``n(x)`` stays in."""
+    at = node
+    while at.target == torch.ops.aten.slice.Tensor and isinstance(at.args[0], torch.fx.Node):
+        at = at.args[0]  # the positions a head reads: the same channels
+    scale = norm_scale(at)
+    if scale is None or at.target != torch.ops.aten.mul.Tensor:
+        return node.name, axis
+    return next(a for a in at.args if a is not scale).name, axis
 
 
 def _read_points(gm: GraphModule, group: WidthGroup) -> list[tuple[str, int]]:
@@ -750,7 +834,8 @@ def _uniform(gm: GraphModule, targets: Sequence[WidthGroup], accs: Mapping[str, 
 def _at_width(gm: GraphModule, group: WidthGroup, accs: Sequence[CovarianceAccumulator], config: CompressConfig,
               width: int) -> Projection:
     """The group's projection at ``width``, built as ``config`` builds it (transform, mean)."""
-    fixed = dataclasses.replace(config, rule="fixed", widths={group.name: width}, ratio=None, k=None, agreement=None)
+    fixed = dataclasses.replace(config, rule="fixed", widths={group.name: width}, ratio=None, k=None, agreement=None,
+                                params=None)
     return _decide(gm, group, accs, fixed)[0]
 
 
@@ -838,3 +923,12 @@ def _report(group: WidthGroup, decision) -> GroupReport:
 def num_parameters(module: torch.nn.Module) -> int:
     """Elements of every parameter of ``module``."""
     return sum(p.numel() for p in module.parameters())
+
+
+def outside_embeddings(gm: GraphModule) -> int:
+    """Elements of the parameters of captured ``gm`` that no embedding lookup reads (a tied
+    language-model head is its embedding table): what LLM compression is measured by."""
+    params = dict(gm.named_parameters())
+    tables = {id(params[n.args[0].target]) for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default
+              and n.args[0].op == "get_attr" and n.args[0].target in params}
+    return sum(p.numel() for p in params.values() if id(p) not in tables)

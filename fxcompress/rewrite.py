@@ -180,7 +180,7 @@ def fold_norm_weights(gm: GraphModule) -> GraphModule:
     out = copy_module(gm, share_weights=True)  # new tensors are installed, none written into
     aliases = _alias_counts(out)
     for node in list(out.graph.nodes):
-        scale = _norm_scale(node)
+        scale = norm_scale(node)
         if scale is None or not _fold_targets_ok(node, scale, aliases):
             continue
         w = _get(out, scale.target).detach().to(torch.float64)
@@ -193,7 +193,7 @@ def fold_norm_weights(gm: GraphModule) -> GraphModule:
     return out
 
 
-def _norm_scale(node: Node) -> Node | None:
+def norm_scale(node: Node) -> Node | None:
     """The per-channel scale of a normalisation's output: ``w * h`` written out (RMSNorm in
     transformers), or the weight of a fused ``rms_norm`` / ``layer_norm`` over the last axis."""
     if node.op != "call_function":
@@ -456,7 +456,7 @@ def _narrow_channel(gm: GraphModule, use: Use, p: torch.Tensor, start: int) -> N
     if isinstance(target, nn.modules.batchnorm._BatchNorm):
         _narrow_batch_norm(target, p, start, use.length)
     elif _selection_index(p) is None and use.length is None and node is not None and node.target == aten.mul.Tensor \
-            and _norm_scale(node) is not None and bool((target != target.reshape(-1)[0]).any()):
+            and norm_scale(node) is not None and bool((target != target.reshape(-1)[0]).any()):
         _scale_as_matrix(gm, node, use.param, p)
     else:
         _set(gm, use.param, _along(target, p * p, use.axis, start, use.length))
