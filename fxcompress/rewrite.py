@@ -443,6 +443,8 @@ def _along_blocks(t: torch.Tensor, p: torch.Tensor, axis: int, block_axis: int, 
 
 def _selection_index(p: torch.Tensor) -> torch.Tensor | None:
     """The kept columns if every row of ``p`` is a distinct unit vector ``eᵢ``, else None."""
+    if p.numel() and int(torch.count_nonzero(p[0])) != 1:  # a rotation's first row already says no
+        return None
     ones = p == 1
     if not bool((ones.sum(dim=1) == 1).all()) or int(torch.count_nonzero(p)) != p.shape[0]:
         return None

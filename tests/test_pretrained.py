@@ -4,6 +4,8 @@ fidelity level that never hands back a broken model in silence. The last tests l
 itself where the ``pretrained`` extra is installed."""
 
 import importlib.util
+import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -94,6 +96,7 @@ def test_without_the_folds_the_same_cut_is_not_exact():
 def test_a_parameter_budget_is_met_and_named():
     model = _llama(True)
     total = outside_embeddings(fxcompress.capture(model, (_ids(1)[0],)))
+    assert total == sum(p.numel() for p in model.parameters()) - 97 * WIDTH  # the tied table, under either name
     for config in (CompressConfig(rule="fixed", ratio=1.0, params=0.75, round_to=1),
                    CompressConfig(rule="mp-robust", params=0.6, round_to=1)):
         result = fxcompress.compress(model, _ids(2), config)
@@ -162,7 +165,7 @@ def smollm2():
     text = "\n\n".join(["The capital of France is Paris. It lies on the Seine, and about two million people live in "
                         "the city itself.", "Water boils at one hundred degrees Celsius at sea level; on a mountain "
                         "it boils at a lower temperature, because the air pressure is lower."] * 8)
-    ids = torch.tensor(tokenizer(text)["input_ids"][:4 * 48]).reshape(4, 48)
+    ids = torch.tensor(tokenizer(text)["input_ids"][:6 * 48]).reshape(6, 48)
     return pretrained, model, ids
 
 
@@ -171,12 +174,42 @@ def smollm2():
 def test_smollm2_a_tenth_of_its_stream_cut_keeps_it_a_language_model(smollm2):
     pretrained, model, ids = smollm2
     lm = pretrained.Logits(model).eval()
-    before = pretrained.perplexity(lm, ids[2:])
+    before = pretrained.perplexity(lm, ids[4:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # transformers' own notes on the capture
-        result = fxcompress.compress(lm, [ids[:1], ids[1:2]], CompressConfig(rule="fixed", ratio=0.9,
+        result = fxcompress.compress(lm, [ids[:2], ids[2:4]], CompressConfig(rule="fixed", ratio=0.9,
                                                                              targets="model.lm_head"))
-    after = pretrained.perplexity(result.module, ids[2:])
+    after = pretrained.perplexity(result.module, ids[4:])
     # measured: 42.5 → 64.9 on QNLI dev (16 × 128 tokens, 16 calibration sequences); before the
     # folds the same cut multiplied it by 200,000
     assert result.compressed and after < 3 * before
+
+
+# -- benchmarks/llm.py: its miniature, end to end -------------------------------------------------
+@pytest.fixture
+def llm(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("llm", BENCHMARKS / "llm.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "llm", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_llm_benchmarks_miniature_runs_end_to_end(llm, data_root, tmp_path):
+    markdown = tmp_path / "RESULTS.md"
+    markdown.write_text("# results\n\nkept\n")
+    methods = "fxcompress uniform,fxcompress stream only,SliceGPT-style,fxcompress default"
+    llm.main(["--profile", "mini", "--methods", methods, "--out", str(tmp_path), "--markdown", str(markdown)])
+    result = json.loads((tmp_path / "llm-mini.json").read_text())
+    rows = {(r["method"], r["budget"]): r for r in result["rows"]}
+    assert set(rows) == {("fxcompress uniform", 0.75), ("fxcompress stream only", 0.75), ("SliceGPT-style", 0.75),
+                         ("fxcompress default", None)}
+    for (method, budget), row in rows.items():
+        assert math.isfinite(row["perplexity"]) and 0 < row["kept"] <= 1
+        if budget is not None and method.startswith("fxcompress"):
+            assert row["kept"] <= budget  # a budget is met, measured outside the level's own count
+    assert sum(r["kd_perplexity"] is not None for r in result["rows"]) == 2  # the best two, distilled
+    text = markdown.read_text()
+    assert text.startswith("# results\n\nkept\n") and text.count("llm:start") == 1 and "SliceGPT-style" in text
+    assert (tmp_path / "llm-mini.png").stat().st_size > 0
