@@ -596,7 +596,7 @@ def _budget(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Ma
     total = outside_embeddings(gm)
     rule = _rule_widths(targets, decisions)
     trial = _Trials(gm, plan, decisions, accs, [], config, rule, lambda module: outside_embeddings(module) / total,
-                    "parameters")
+                    "parameters", counting=True)
     low, high = trial.bounds
     floor = trial(low)[0] if rule else 1.0
     if floor > config.params:
@@ -613,7 +613,7 @@ def _budget(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Ma
         else:
             high = middle
     trial.statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
-    trial.last = (None, None)  # the read-backs change the decisions, not the count
+    trial.last, trial.counting = (None, None), False  # the chosen widths, built in earnest
     kept, out = trial(low, again=True)
     return out, (low, kept)
 
@@ -627,13 +627,16 @@ def _rule_widths(targets: Sequence[WidthGroup], decisions: Mapping[str, tuple]) 
 class _Trials:
     """The rule's widths scaled by a factor, rewritten on a structural copy of the capture and
     scored (``score(module)``); one trial per distinct set of widths, of which only the score is
-    kept (a wide model's projections take gigabytes), and the decisions of the last.
+    kept (a wide model's projections take gigabytes), and the decisions of the last. A
+    ``counting`` trial, scored by size alone, keeps each block's first channels instead of
+    building the projections (the same shapes, at a fraction of the cost).
     ``bounds``: the factors at which every group is 1 wide and every group whole."""
 
     def __init__(self, gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple], accs: Mapping, batches: list[Any],
-                 config: CompressConfig, rule: Mapping[str, int], score: Callable[[GraphModule], float], what: str):
+                 config: CompressConfig, rule: Mapping[str, int], score: Callable[[GraphModule], float], what: str,
+                 counting: bool = False):
         self.gm, self.plan, self.decisions, self.accs, self.config, self.rule = gm, plan, decisions, accs, config, rule
-        self.score, self.what, self.tried, self.last = score, what, {}, (None, None)
+        self.score, self.what, self.tried, self.last, self.counting = score, what, {}, (None, None), counting
         self.statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct and batches else {}
         self.bounds = (min(1 / k for k in rule.values()), max(plan[name].size / k for name, k in rule.items())) \
             if rule else (1.0, 1.0)
@@ -651,8 +654,10 @@ class _Trials:
             out = dict(self.decisions)
             for name, k in widths.items():
                 _, selection, transform = self.decisions[name]
-                out[name] = (None if k >= self.plan[name].size else
-                             _at_width(self.gm, self.plan[name], self.accs[name], self.config, k), selection, transform)
+                group = self.plan[name]
+                projection = None if k >= group.size else _first_channels(group, k, self.config) if self.counting else \
+                    _at_width(self.gm, group, self.accs[name], self.config, k)
+                out[name] = (projection, selection, transform)
             out = _lifted(out, self.statistics, self.config.fold_mean)
             # rewrite installs new tensors and never writes into the old: a trial, only run, shares the rest
             module = rewrite(copy_module(self.gm, share_weights=True), self.plan,
@@ -731,6 +736,15 @@ def _scalable(selection: RankSelection | None) -> bool:
 
 BUDGET_SLACK = 0.002  # a size budget's bisection stops within this fraction of the parameters under it
 LEVEL_STEPS = 10  # bisection steps of the agreement level: the factor to within (largest range)^(1/1024)
+
+
+def _first_channels(group: WidthGroup, k: int, config: CompressConfig) -> Projection:
+    """The first ``k / blocks`` channels of each block, with a mean to fold where ``config``
+    folds one (the biases it adds count): a stand-in of the right shapes."""
+    per_block = k // group.blocks
+    select = Projection.select([b * group.block_size + i for b in range(group.blocks) for i in range(per_block)],
+                               group.size)
+    return dataclasses.replace(select, mean=torch.zeros(group.size, dtype=torch.float64) if config.fold_mean else None)
 
 
 def _scaled(group: WidthGroup, k: int, factor: float, config: CompressConfig) -> int:
