@@ -655,7 +655,7 @@ class _Trials:
             for name, k in widths.items():
                 _, selection, transform = self.decisions[name]
                 group = self.plan[name]
-                projection = None if k >= group.size else _first_channels(group, k, self.config) if self.counting else \
+                projection = None if k >= group.size else _first_channels(group, k, self.config, transform) if self.counting else \
                     _at_width(self.gm, group, self.accs[name], self.config, k)
                 out[name] = (projection, selection, transform)
             out = _lifted(out, self.statistics, self.config.fold_mean)
@@ -738,13 +738,16 @@ BUDGET_SLACK = 0.002  # a size budget's bisection stops within this fraction of 
 LEVEL_STEPS = 10  # bisection steps of the agreement level: the factor to within (largest range)^(1/1024)
 
 
-def _first_channels(group: WidthGroup, k: int, config: CompressConfig) -> Projection:
-    """The first ``k / blocks`` channels of each block, with a mean to fold where ``config``
-    folds one (the biases it adds count): a stand-in of the right shapes."""
+def _first_channels(group: WidthGroup, k: int, config: CompressConfig, transform: str | None) -> Projection:
+    """A stand-in of the right shapes: the first ``k / blocks`` channels of each block, made
+    dense where the group rotates (a rotated norm scale becomes a ``k × k`` matrix), with a mean
+    to fold where ``config`` folds one (the biases it adds count)."""
     per_block = k // group.blocks
     select = Projection.select([b * group.block_size + i for b in range(group.blocks) for i in range(per_block)],
                                group.size)
-    return dataclasses.replace(select, mean=torch.zeros(group.size, dtype=torch.float64) if config.fold_mean else None)
+    dense = torch.block_diag(*[torch.full((per_block, group.block_size), 1e-3, dtype=torch.float64)] * group.blocks)
+    matrix = select.matrix if transform in ("selection", "magnitude") else select.matrix + dense
+    return Projection(matrix, torch.zeros(group.size, dtype=torch.float64) if config.fold_mean else None)
 
 
 def _scaled(group: WidthGroup, k: int, factor: float, config: CompressConfig) -> int:
