@@ -165,6 +165,9 @@ def _add_compress(sub: Any) -> None:
                        help="scale the rule's widths to the smallest model whose top-1 output agrees with the "
                             "original's on this fraction of the calibration data (default 0.8 for the spectral rules)")
     level.add_argument("--no-agreement", action="store_true", help="take the spectral rule's own widths, unscaled")
+    level.add_argument("--params", type=float, default=None,
+                       help="a size budget instead: scale the rule's widths to keep at most this fraction of the "
+                            "parameters outside embeddings (0.75: 25 %% fewer)")
     cmd.add_argument("--no-reconstruct", action="store_true",
                      help="drop unselected channels for their mean instead of predicting them from the kept ones")
     cmd.add_argument("--onnx", action="store_true", help="also write model.onnx (validated against the module)")
@@ -205,7 +208,7 @@ def _compress_config(args: argparse.Namespace) -> Any:
              "round_to": args.round_to, "transform": args.transform, "fold_batchnorm": args.fold_batchnorm or None,
              "uniform": args.uniform or None, "fold_mean": False if args.no_fold_mean else None,
              "reconstruct": False if args.no_reconstruct else None, "agreement": args.agreement,
-             "targets": tuple(args.targets.split(",")) if args.targets else None,
+             "params": args.params, "targets": tuple(args.targets.split(",")) if args.targets else None,
              "outputs": tuple(args.outputs.split(",")) if args.outputs else None}
     return CompressConfig(**{k: v for k, v in given.items() if v is not None},
                           **({"agreement": None} if args.no_agreement else {}))

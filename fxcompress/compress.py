@@ -556,7 +556,7 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
     rewrite and a pass over the calibration data. At the largest factor every group is whole
     (the original, fidelity 1); where nothing narrower reaches ``target``, that is the result,
     with a warning that says what the narrowest trial reached. Returns the decisions,
-    ``(factor, fidelity)`` and the fidelity's name.""" 
+    ``(factor, fidelity)`` and the fidelity's name."""
     calls = [as_call(batch) for batch in batches]
     fidelity = Fidelity.of(gm, calls)
     rule = _rule_widths(targets, decisions)

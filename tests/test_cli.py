@@ -84,6 +84,7 @@ def test_help_and_version_of_the_fxcompress_command(command):
      dict(reconstruct=False, fold_mean=False, uniform=True, agreement=0.9)),
     (("--no-agreement",), dict(rule="mp-hist", agreement=None, target_agreement=None)),
     (("--rule", "fixed", "--ratio", "0.5"), dict(target_agreement=None)),
+    (("--params", "0.75"), dict(rule="mp-hist", params=0.75, target_agreement=None)),
 ])
 def test_compress_options_reach_the_config(tmp_path, monkeypatch, flags, expected):
     seen = {}
