@@ -53,6 +53,7 @@ import slicegpt  # noqa: E402
 from fxcompress import CompressConfig, DistillConfig  # noqa: E402
 from fxcompress.atomic import write_text  # noqa: E402
 from fxcompress.compress import outside_embeddings  # noqa: E402
+from fxcompress.results import write_section  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,12 +354,7 @@ def plot(result: dict, path: Path) -> None:
 
 def write_markdown_section(path: Path, text: str) -> None:
     """Put ``text`` between the llm markers of ``path``, keeping everything else."""
-    start, end = "<!-- llm:start -->", "<!-- llm:end -->"
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{start}\n## A real LLM: SmolLM2-135M against the peers\n\n{text}\n{end}"
-    new = old[:old.index(start)] + block + old[old.index(end) + len(end):] if start in old and end in old \
-        else f"{old.rstrip()}\n\n{block}\n"
-    write_text(path, new)
+    write_section(path, "llm", "A real LLM: SmolLM2-135M against the peers", text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ from fxcompress.calibrate import as_call
 from fxcompress.compress import num_parameters
 from fxcompress.datasets import cifar10, encode, glue, wordpiece
 from fxcompress.distill import logits_of, split_batch
+from fxcompress.results import write_section
 from fxcompress.rmtkd import calibration_subset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -382,14 +383,7 @@ def plot(name: str, summary: dict[str, Any], path: Path) -> None:
 
 def write_markdown_section(path: Path, text: str) -> None:
     """Put ``text`` between the oracle-width markers of ``path``, keeping everything else."""
-    start, end = "<!-- oracle-width:start -->", "<!-- oracle-width:end -->"
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{start}\n## Oracle width: is the spectrum's width the right width?\n\n{text}\n{end}"
-    if start in old and end in old:
-        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = f"{old.rstrip()}\n\n{block}\n"
-    write_text(path, new)
+    write_section(path, "oracle-width", "Oracle width: is the spectrum's width the right width?", text)
 
 
 def main(argv: list[str] | None = None) -> int:

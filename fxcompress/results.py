@@ -25,6 +25,18 @@ def write_results(results: dict[str, Any], out: str | Path) -> list[Path]:
     return paths
 
 
+def write_section(path: str | Path, name: str, heading: str, text: str) -> None:
+    """Put ``## heading`` and ``text`` between the ``<!-- name:start -->`` and ``<!-- name:end -->``
+    markers of the markdown file ``path`` (appended where they are absent), keeping the rest."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = f"{start}\n## {heading}\n\n{text}\n{end}"
+    new = old[:old.index(start)] + block + old[old.index(end) + len(end):] if start in old and end in old \
+        else f"{old.rstrip()}\n\n{block}\n"
+    write_text(path, new)
+
+
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One flat row per model and batch size, keys dotted (``latency_ms.p50.median``)."""
     out = []

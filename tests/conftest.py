@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -22,3 +23,17 @@ def data_root():
         pytest.skip("FXCOMPRESS_DATA is not set: no evaluation data here (make test sets it to ../shared/data "
                     "where that exists)")
     return data_dir()
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_benchmark(monkeypatch, name: str):
+    """``benchmarks/<name>.py`` as a module, with benchmarks/ on the path for its own imports
+    (registered in sys.modules: dataclasses look their module up there)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -1,26 +1,17 @@
 """The oracle-width study (benchmarks/oracle_width.py): its paired statistics, and a miniature
 run end to end so the study cannot rot."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from conftest import load_benchmark
 
 
 @pytest.fixture
 def oracle(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("oracle_width", BENCHMARKS / "oracle_width.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "oracle_width", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(monkeypatch, "oracle_width")
 
 
 def test_paired_statistics(oracle):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import load_benchmark
 
 import fxcompress
 from fxcompress import CompressConfig, CompressionWarning
@@ -188,12 +189,7 @@ def test_smollm2_a_tenth_of_its_stream_cut_keeps_it_a_language_model(smollm2):
 # -- benchmarks/llm.py: its miniature, end to end -------------------------------------------------
 @pytest.fixture
 def llm(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("llm", BENCHMARKS / "llm.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "llm", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(monkeypatch, "llm")
 
 
 def test_the_llm_benchmarks_miniature_runs_end_to_end(llm, data_root, tmp_path):
