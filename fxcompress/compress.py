@@ -562,7 +562,8 @@ def _level(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Map
     rule = _rule_widths(targets, decisions)
     if not rule:
         return dict(decisions), (1.0, 1.0), fidelity.name
-    trial = _Trials(gm, plan, decisions, accs, batches, config, rule,
+    statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct else {}
+    trial = _Trials(gm, plan, decisions, accs, statistics, config, rule,
                     lambda module: fidelity.measure(module, calls), fidelity.name)
     low, high = trial.bounds
     best = None
@@ -595,7 +596,7 @@ def _budget(gm: GraphModule, plan: Plan, targets: Sequence[WidthGroup], accs: Ma
     fraction kept)``; a budget below what the narrowest widths reach is a :class:`ConfigError`."""
     total = outside_embeddings(gm)
     rule = _rule_widths(targets, decisions)
-    trial = _Trials(gm, plan, decisions, accs, [], config, rule, lambda module: outside_embeddings(module) / total,
+    trial = _Trials(gm, plan, decisions, accs, {}, config, rule, lambda module: outside_embeddings(module) / total,
                     "parameters", counting=True)
     low, high = trial.bounds
     floor = trial(low)[0] if rule else 1.0
@@ -632,12 +633,12 @@ class _Trials:
     building the projections (the same shapes, at a fraction of the cost).
     ``bounds``: the factors at which every group is 1 wide and every group whole."""
 
-    def __init__(self, gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple], accs: Mapping, batches: list[Any],
+    def __init__(self, gm: GraphModule, plan: Plan, decisions: Mapping[str, tuple], accs: Mapping, statistics: Mapping,
                  config: CompressConfig, rule: Mapping[str, int], score: Callable[[GraphModule], float], what: str,
                  counting: bool = False):
         self.gm, self.plan, self.decisions, self.accs, self.config, self.rule = gm, plan, decisions, accs, config, rule
         self.score, self.what, self.tried, self.last, self.counting = score, what, {}, (None, None), counting
-        self.statistics = _read_statistics(gm, plan, decisions, accs, batches) if config.reconstruct and batches else {}
+        self.statistics = statistics  # the read-backs' covariances
         self.bounds = (min(1 / k for k in rule.values()), max(plan[name].size / k for name, k in rule.items())) \
             if rule else (1.0, 1.0)
 
@@ -654,10 +655,7 @@ class _Trials:
             out = dict(self.decisions)
             for name, k in widths.items():
                 _, selection, transform = self.decisions[name]
-                group = self.plan[name]
-                projection = None if k >= group.size else _first_channels(group, k, self.config, transform) if self.counting else \
-                    _at_width(self.gm, group, self.accs[name], self.config, k)
-                out[name] = (projection, selection, transform)
+                out[name] = (self._projection(name, k, transform), selection, transform)
             out = _lifted(out, self.statistics, self.config.fold_mean)
             # rewrite installs new tensors and never writes into the old: a trial, only run, shares the rest
             module = rewrite(copy_module(self.gm, share_weights=True), self.plan,
@@ -665,6 +663,14 @@ class _Trials:
             self.tried[key], self.last = self.score(module), (key, out)
             log.info("widths × %.3f: %s %.3f", factor, self.what, self.tried[key])
         return self.tried[key], self.last[1] if self.last[0] == key else None
+
+    def _projection(self, name: str, k: int, transform: str | None) -> Projection | None:
+        group = self.plan[name]
+        if k >= group.size:
+            return None
+        if self.counting:
+            return _first_channels(group, k, self.config, transform)
+        return _at_width(self.gm, group, self.accs[name], self.config, k)
 
 
 class CompressionWarning(UserWarning):
